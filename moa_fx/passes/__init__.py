@@ -1,0 +1,52 @@
+"""The rewrite pipeline: a list of passes read top to bottom.
+
+Each pass takes a :class:`~moa_fx.passes.base.PassContext`, changes the graph, and records what it
+did; :func:`run_pipeline` lints the graph after each and names the failing pass and the passes
+before it when something breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..errors import MoaFxError, PassError
+from .base import PassContext, PassRecord
+from .cleanup import cleanup
+from .insert_lora_experts import insert_lora_experts
+from .insert_parallel_adapters import insert_parallel_adapters
+from .insert_prompt_experts import insert_prompt_experts
+from .insert_routers import insert_routers
+
+__all__ = ["DEFAULT_PIPELINE", "PASSES", "run_pipeline", "PassContext", "PassRecord"]
+
+Pass = Callable[[PassContext], None]
+
+DEFAULT_PIPELINE: tuple[Pass, ...] = (
+    insert_lora_experts,  # needs: a SitePlan; leaves ExpertSlots (Δ nodes) at projection outputs
+    insert_parallel_adapters,  # same, at span outputs (e.g. each MLP)
+    insert_prompt_experts,  # same, at SDPA outputs (before o_proj)
+    insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
+    cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
+)
+
+PASSES: dict[str, Pass] = {p.__name__: p for p in DEFAULT_PIPELINE}
+
+
+def run_pipeline(ctx: PassContext, passes: Sequence[Pass] = DEFAULT_PIPELINE, *, until: str | None = None) -> PassContext:
+    """Run ``passes`` in order (stopping after the pass named ``until``), linting after each."""
+    if until is not None and until not in {p.__name__ for p in passes}:
+        raise PassError(f"no pass named '{until}'; passes: {', '.join(p.__name__ for p in passes)}")
+    done: list[str] = []
+    for p in passes:
+        try:
+            p(ctx)
+            ctx.gm.graph.lint()
+        except MoaFxError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with the pass history
+            raise PassError(f"{p.__name__} failed after [{', '.join(done)}]: {type(err).__name__}: {err}") from err
+        done.append(p.__name__)
+        if p.__name__ == until:
+            break
+    ctx.gm.recompile()
+    return ctx

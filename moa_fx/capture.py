@@ -1,0 +1,174 @@
+"""Capture a model as an FX GraphModule with ``torch.export`` (non-strict, dynamic batch and sequence).
+
+Entry point: :func:`capture`. The result, :class:`Captured`, holds a plain ``fx.GraphModule``
+whose ``forward`` takes the flat inputs in a fixed order (``input_ids, attention_mask`` for causal
+LMs) and returns a tuple of the flat outputs, plus what the runtime needs to rebuild the model's
+own output type (the pytree spec, the loss function, the config).
+
+Why a plain GraphModule: ``ExportedProgram.module()`` returns a module that refuses ``train()`` and
+checks its inputs with a pre-hook; the wrapper (:class:`moa_fx.runtime.MoAModel`) owns training mode
+and input checks instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.export import Dim
+
+from .errors import CaptureError
+
+__all__ = ["Captured", "capture", "default_lm_inputs", "is_causal_lm"]
+
+
+@dataclasses.dataclass
+class Captured:
+    """A captured model: the graph and how to call it like the original."""
+
+    gm: fx.GraphModule
+    input_names: tuple[str, ...]
+    out_spec: Any  # pytree spec of the user outputs
+    num_outputs: int
+    model_class: str
+    config: Any = None  # the HF config, when there is one
+    loss_function: Callable | None = None
+    is_causal_lm: bool = False
+    device: torch.device = torch.device("cpu")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and \
+        getattr(model, "get_output_embeddings")() is not None
+
+
+def default_lm_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+    """Example ``input_ids`` and ``attention_mask`` on the model's device."""
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 32))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 2), (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+
+
+def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *, dynamic: bool = True) -> Captured:
+    """Export ``model`` to an FX graph.
+
+    - Hugging Face causal LMs: ``example_inputs`` may be omitted (``input_ids`` and
+      ``attention_mask`` of shape 2×8 are made up); ``use_cache`` is turned off for the export.
+    - Any other ``nn.Module``: give ``example_inputs`` as a tuple of positional tensors or a dict.
+    - On the meta device (``with torch.device("meta"): model = AutoModelForCausalLM.from_config(cfg)``)
+      the capture needs no weights and takes seconds even for 8B architectures.
+
+    Batch and sequence dims (dims 0 and 1 of every input tensor) are dynamic unless ``dynamic=False``.
+    """
+    causal = is_causal_lm(model)
+    if example_inputs is None:
+        if not causal:
+            raise CaptureError(f"{type(model).__name__} is not a Hugging Face causal LM, so moa-fx cannot "
+                               "invent its inputs; pass example_inputs=(tensor, ...) or a dict of tensors")
+        example_inputs = default_lm_inputs(model)
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+        args: tuple = ()
+    else:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        args, kwargs = tuple(example_inputs), {}
+    for name, value in list(kwargs.items()) + [(f"args[{i}]", a) for i, a in enumerate(args)]:
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"example input {name} is a {type(value).__name__}; only tensors are supported "
+                               "as model inputs (bake constants into the module)")
+
+    dynamic_shapes = None
+    if dynamic:
+        def dims(t: torch.Tensor) -> dict[int, Any]:
+            return {i: Dim.DYNAMIC for i in range(min(t.dim(), 2))}
+
+        if kwargs:
+            dynamic_shapes = {k: dims(v) for k, v in kwargs.items()}
+        else:
+            dynamic_shapes = tuple(dims(a) for a in args)
+
+    config = getattr(model, "config", None)
+    was_training = model.training
+    model.eval()
+    use_cache_ctx = _no_cache(config) if config is not None else contextlib.nullcontext()
+    try:
+        with use_cache_ctx, torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:  # noqa: BLE001 - re-raised as a CaptureError with the first failing frame
+        raise CaptureError(_explain_failure(model, err)) from err
+    finally:
+        model.train(was_training)
+
+    unlifted = ep.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    out_spec = unlifted._out_spec
+    # A plain CodeGen: forward(*flat_inputs) -> tuple(flat_outputs); the runtime rebuilds the pytree.
+    graph._codegen = fx.graph.CodeGen()
+    gm = fx.GraphModule(unlifted, graph, class_name=f"Captured{type(model).__name__}")
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat_outputs = output.args[0]
+    if not isinstance(flat_outputs, (tuple, list)):
+        flat_outputs = (flat_outputs,)
+    output.args = (tuple(flat_outputs),)
+    gm.recompile()
+    gm.requires_grad_(False)
+    input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    gm.meta["moa_fx.num_outputs"] = len(flat_outputs)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    return Captured(
+        gm=gm,
+        input_names=input_names,
+        out_spec=out_spec,
+        num_outputs=len(flat_outputs),
+        model_class=type(model).__name__,
+        config=config,
+        loss_function=getattr(model, "loss_function", None) if causal else None,
+        is_causal_lm=causal,
+        device=device,
+    )
+
+
+@contextlib.contextmanager
+def _no_cache(config: Any):
+    old = getattr(config, "use_cache", None)
+    if old is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old is not None:
+            config.use_cache = old
+
+
+def _explain_failure(model: nn.Module, err: Exception) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    first = None
+    for fr in frames:
+        if "/torch/" not in fr.filename and "moa_fx" not in fr.filename:
+            first = fr
+            break
+    where = f"{first.filename}:{first.lineno} in {first.name}" if first else "inside torch.export"
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"torch.export could not capture {type(model).__name__} (first failing frame: {where}): "
+            f"{type(err).__name__}: {msg[:300]}. Try: model.config.use_cache = False, "
+            "attn_implementation='sdpa' or 'eager' when loading, example inputs with batch and sequence >= 2, "
+            "or capture(..., dynamic=False)")
+
+
+def flatten_outputs(out_spec: Any, values: list) -> Any:
+    return pytree.tree_unflatten(values, out_spec)

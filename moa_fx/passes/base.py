@@ -1,0 +1,125 @@
+"""What every pass shares: the context it reads and writes, and the record of what it did.
+
+A pass is a function ``pass_fn(ctx: PassContext) -> None`` with a ``__doc__`` saying what it
+matches and what it emits. It mutates ``ctx.gm.graph``, appends :class:`PassRecord` entries and
+reads what earlier passes left in ``ctx`` (``slots``: the expert contributions waiting for a
+combine; ``routers``: each router's output nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from ..graph import ADAPTER_ROOT, add_submodule, annotate
+from ..sites import SitePlan
+from ..spec import Spec
+
+__all__ = ["PassContext", "PassRecord", "ExpertSlot", "RouterInfo", "new_node"]
+
+
+@dataclass
+class PassRecord:
+    """One change a pass made: at which site, which nodes it added, and a short note."""
+
+    pass_name: str
+    site: str
+    added: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ExpertSlot:
+    """An expert's unweighted contribution Δ waiting to be weighted and added at its anchor."""
+
+    expert_id: str  # the name the router addresses it by
+    anchor: str  # node whose value Δ is added to (projection output, span output, SDPA output)
+    delta: str  # node computing Δ
+    router_key: str  # which router gates it: a site path, a block path, or "" (no router)
+    layout: str  # "tokens" (…, d) or "heads" (B, H, S, hd)
+    site: str  # module path of the site
+    rule: str  # the expert rule's name
+    kind: str  # lora | parallel_adapter | prompt
+    module: str  # target of the expert module under the GraphModule
+    input: str  # node the expert reads
+
+
+@dataclass
+class RouterInfo:
+    """A router's output nodes and the expert ids in column order."""
+
+    key: str
+    expert_ids: list[str]
+    weights: str  # node: (…, E) weights
+    stats: str  # node: router_stats vector
+    aux: str | None  # node: balance loss scalar (None when the spec has no aux loss)
+    threshold: bool
+
+
+@dataclass
+class PassContext:
+    gm: fx.GraphModule
+    spec: Spec
+    plan: SitePlan
+    records: list[PassRecord] = field(default_factory=list)
+    slots: list[ExpertSlot] = field(default_factory=list)
+    routers: dict[str, RouterInfo] = field(default_factory=dict)
+    extra_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, node name)
+    lowering: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> chosen form and reason
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def install(self, target: str, module) -> str:
+        """Put ``module`` under the GraphModule's adapter root and return its call target."""
+        full = f"{ADAPTER_ROOT}.{target}"
+        add_submodule(self.gm, full, module)
+        return full
+
+
+def new_node(ctx: PassContext, op: str, target: Any, args: tuple, *, anchor: fx.Node | None, pass_name: str,
+             site: str, role: str, kwargs: dict | None = None, val: Any = None) -> fx.Node:
+    """Create a node at the graph's current insertion point with metadata and provenance."""
+    graph = ctx.gm.graph
+    if op == "call_module":
+        node = graph.call_module(target, args, kwargs)
+    elif op == "get_attr":
+        node = graph.get_attr(target)
+    else:
+        node = graph.call_function(target, args, kwargs)
+    return annotate(ctx.gm, node, anchor, pass_name, site, role, val)
+
+
+def router_key(ctx: PassContext, placement) -> str:
+    """Which router gates this placement's experts: '' (none), the site path, or the block path."""
+    kind = ctx.spec.router.kind
+    if kind == "none":
+        return ""
+    if kind == "site":
+        return placement.site.path
+    return placement.block
+
+
+def expert_id(ctx: PassContext, placement, index: int, count: int) -> str:
+    """The name a router addresses an expert by: ``lora.2`` per site, ``self_attn.q_proj:lora`` per block."""
+    name = placement.rule.name if count == 1 and ctx.spec.router.kind == "block" else f"{placement.rule.name}.{index}"
+    if ctx.spec.router.kind == "block":
+        rel = placement.site.path[len(placement.block) + 1:] if placement.site.path != placement.block else ""
+        return f"{rel}:{name}" if rel else name
+    return name
+
+
+def weight_device_dtype(ctx: PassContext, param_name: str):
+    t = ctx.gm.get_parameter(param_name) if param_name in dict(ctx.gm.named_parameters()) else \
+        ctx.gm.get_buffer(param_name)
+    dtype = t.dtype if t.is_floating_point() else None
+    return t.device, dtype

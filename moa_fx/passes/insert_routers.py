@@ -1,0 +1,114 @@
+"""Insert routers, thresholds, selection and the weighted combine of every expert slot.
+
+Matches: the :class:`ExpertSlot` s left by the expert-insertion passes, grouped by router key
+(a site path for per-projection routers, a block path for block routers, '' for no router).
+Emits, per router: ``logits = router(h)`` (``call_module``), ``τ = threshold(h)`` when the
+threshold is learned, ``w, sel, q, g = route(logits, τ, …)`` (``call_function`` + getitems),
+``stats = router_stats(g, sel, τ)`` and, with an aux coefficient, ``aux = balance_loss(sel, q)``.
+Per anchor: ``y' = mix(y, w, [Δ…], [columns…])`` (``mix_heads`` for attention outputs), and every
+later use of y reads y'. Columns are looked up by expert id, never by position in a list.
+Records: one PassRecord per router and one per anchor.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .. import routing
+from ..graph import shaped_like
+from ..modules import Router, Threshold
+from .base import PassContext, PassRecord, RouterInfo, new_node
+
+__all__ = ["insert_routers"]
+
+PASS = "insert_routers"
+
+
+def _router_input(ctx: PassContext, key: str, slots) -> str:
+    if ctx.spec.router.kind == "site":
+        return slots[0].input
+    scope = ctx.plan.blocks[key]
+    return scope.normed if ctx.spec.router.input == "normed" and scope.normed else scope.input
+
+
+def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
+    spec = ctx.spec.router
+    ids = list(dict.fromkeys(s.expert_id for s in slots))
+    h = ctx.node(_router_input(ctx, key, slots))
+    val = h.meta.get("val")
+    device = val.device if val is not None else None
+    dtype = val.dtype if val is not None else None
+    dim = int(val.shape[-1])
+    num = len(ids)
+    router = Router(dim, num, spec.form, spec.bias, spec.hidden_multiplier, device=device, dtype=dtype)
+    added = []
+    with ctx.gm.graph.inserting_before(h.next):
+        def make(op, target, args, role, val):
+            node = new_node(ctx, op, target, args, anchor=h, pass_name=PASS, site=key, role=role, val=val)
+            added.append(node.name)
+            return node
+
+        logits = make("call_module", ctx.install(f"{key}.router", router), (h,), "router logits", shaped_like(h, num))
+        tau = None
+        learned = spec.select == "threshold" and spec.threshold.learned
+        if learned:
+            tau_max = spec.threshold.max if spec.threshold.max is not None else 1.0 / num
+            tau = make("call_module", ctx.install(f"{key}.threshold", Threshold(dim, tau_max, device=device,
+                                                                                dtype=dtype)), (h,), "threshold", shaped_like(h, 1))
+        routed = make("call_function", routing.route,
+                      (logits, tau, spec.gate, spec.select, spec.top_k, float(spec.threshold.value),
+                       spec.threshold.rule, spec.renormalizes), "selection", None)
+        w, sel, q, g = (make("call_function", operator.getitem, (routed, i), name, None)
+                        for i, name in enumerate(("weights", "selected", "balance q", "gates")))
+        stats = make("call_function", routing.router_stats, (g, sel, tau), "router stats",
+                     shaped_like(logits, shape=(2 * num + 1,), dtype=torch.float32))
+        aux = make("call_function", routing.balance_loss, (sel, q), "balance loss",
+                   shaped_like(logits, shape=(), dtype=torch.float32)) if spec.aux_loss_coef > 0 else None
+    ctx.records.append(PassRecord(PASS, key, added, f"{spec.form} router over {num} experts, {spec.gate} gate, "
+                                                    f"{spec.select} selection"))
+    info = RouterInfo(key=key, expert_ids=ids, weights=w.name, stats=stats.name,
+                      aux=aux.name if aux is not None else None, threshold=learned)
+    ctx.extra_outputs.append(("stats", stats.name))
+    if aux is not None:
+        ctx.extra_outputs.append(("aux", aux.name))
+    return info
+
+
+def insert_routers(ctx: PassContext) -> None:
+    """Insert one router per key and one combine per anchor."""
+    by_router: dict[str, list] = {}
+    for slot in ctx.slots:
+        by_router.setdefault(slot.router_key, []).append(slot)
+    for key, slots in by_router.items():
+        if key:
+            ctx.routers[key] = _insert_router(ctx, key, slots)
+    by_anchor: dict[str, list] = {}
+    for slot in ctx.slots:
+        by_anchor.setdefault(slot.anchor, []).append(slot)
+    for anchor_name, slots in by_anchor.items():
+        y = ctx.node(anchor_name)
+        deltas = [ctx.node(s.delta) for s in slots]
+        key = slots[0].router_key
+        if key:
+            info = ctx.routers[key]
+            w = ctx.node(info.weights)
+            cols = [info.expert_ids.index(s.expert_id) for s in slots]
+        else:
+            w, cols = None, list(range(len(slots)))
+        fn = routing.mix_heads if slots[0].layout == "heads" else routing.mix
+        last = max(deltas, key=lambda n: _position(ctx, n))
+        with ctx.gm.graph.inserting_after(last):
+            mixed = new_node(ctx, "call_function", fn, (y, w, deltas, cols), anchor=y, pass_name=PASS,
+                             site=slots[0].site, role="combine", val=shaped_like(y))
+        y.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+        ctx.records.append(PassRecord(PASS, slots[0].site, [mixed.name],
+                                      "combine " + ", ".join(s.expert_id for s in slots)))
+
+
+def _position(ctx: PassContext, node) -> int:
+    for i, n in enumerate(ctx.gm.graph.nodes):
+        if n is node:
+            return i
+    return -1

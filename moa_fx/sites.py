@@ -1,0 +1,515 @@
+"""Where experts attach: a pure function from (graph, spec) to a list of placements.
+
+Map: site kinds (:class:`LinearSite`, :class:`SpanSite`, :class:`AttentionSite`, :class:`BlockScope`)
+→ :func:`linear_sites` / :func:`span_site` / :func:`attention_site` find them in a graph →
+:func:`find_sites` applies the spec's rules and returns a :class:`SitePlan` (what ``moa-fx sites``
+prints and what the insertion passes read; nothing here mutates the graph).
+
+Patterns. A pattern is a glob over module paths (``*.q_proj``; ``*`` also crosses dots), a regular
+expression when prefixed ``re:`` (``re:model\\.layers\\.[0-3]\\.mlp``), or a *role* prefixed ``@``
+that names a projection the same way on every architecture (``@q``, ``@k``, ``@v``, ``@o``,
+``@gate``, ``@up``, ``@down``, ``@mlp``, ``@attn``); :data:`ROLES` lists the globs behind each.
+
+Precedence. When rules of the same expert kind match one site, the most specific pattern wins:
+an exact path beats a glob or role, which beats a regex; two matches of equal rank are a conflict
+(:class:`~moa_fx.errors.SiteMatchError`). Example::
+
+    rule "all"   at = ["*.q_proj"]                          r = 8
+    rule "first" at = ["model.layers.0.self_attn.q_proj"]   r = 16
+    model.layers.0.self_attn.q_proj → "first" (exact path);  model.layers.1.self_attn.q_proj → "all"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import SiteMatchError
+from .graph import all_module_paths, layer_index, module_path, module_paths
+from .spec import ExpertSpec, LoraExpert, ParallelAdapterExpert, PromptExpert, Spec
+
+__all__ = [
+    "LinearSite",
+    "SpanSite",
+    "AttentionSite",
+    "BlockScope",
+    "Placement",
+    "SitePlan",
+    "ROLES",
+    "find_sites",
+    "linear_sites",
+    "span_site",
+    "attention_site",
+    "block_scope",
+    "match_rank",
+]
+
+aten = torch.ops.aten
+
+# Projection roles: the same name on every architecture. Fused projections (GPT-2's c_attn,
+# Phi-3's qkv_proj, NeoX's query_key_value) serve q, k and v at once: a rule naming all three
+# places one expert there.
+ROLES: dict[str, tuple[str, ...]] = {
+    "q": ("*.q_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
+    "k": ("*.k_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
+    "v": ("*.v_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
+    "o": ("*.o_proj", "*.attn.c_proj", "*.self_attn.out_proj", "*.attention.dense", "*.self_attention.dense",
+          "*.self_attn.dense", "*.attn.out_proj"),
+    "gate": ("*.gate_proj", "*.gate_up_proj", "*.w1"),
+    "up": ("*.up_proj", "*.gate_up_proj", "*.mlp.c_fc", "*.dense_h_to_4h", "*.fc1", "*.w3"),
+    "down": ("*.down_proj", "*.mlp.c_proj", "*.dense_4h_to_h", "*.fc2", "*.w2"),
+    "mlp": ("*.mlp", "*.feed_forward", "*.block_sparse_moe"),
+    "attn": ("*.self_attn", "*.attn", "*.attention", "*.self_attention"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Site kinds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One projection: ``output = input @ weightᵀ (+ bias)`` (``aten.linear``, or ``addmm`` for Conv1D)."""
+
+    path: str
+    node: str  # the projection node's name
+    input: str  # its input node's name
+    weight: str  # parameter name of the weight
+    d_in: int
+    d_out: int
+    layer: int | None
+    op: str
+
+    kind = "linear"
+
+
+@dataclass(frozen=True)
+class SpanSite:
+    """A module boundary: the one tensor that enters it and the one that leaves it."""
+
+    path: str
+    input: str
+    output: str
+    dim: int
+    layer: int | None
+
+    kind = "span"
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """The attention op of an attention module, with what a prompt expert needs from it."""
+
+    path: str
+    node: str  # the SDPA node
+    query: str  # query after RoPE, (B, H, S, hd)
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    k_weight: str  # parameter names of the frozen key/value projections
+    v_weight: str
+    k_bias: str | None
+    v_bias: str | None
+    k_offset: int  # row offset of the key (value) block inside a fused qkv weight
+    v_offset: int
+    hidden: int
+    layer: int | None
+    scale: float | None
+
+    kind = "attention"
+
+
+@dataclass(frozen=True)
+class BlockScope:
+    """A repeated block (``model.layers.3``): its raw input and its normalised input."""
+
+    path: str
+    input: str
+    normed: str | None
+    dim: int
+    layer: int | None
+
+    kind = "block"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One expert rule placed at one site."""
+
+    rule: ExpertSpec
+    site: Any  # LinearSite | SpanSite | AttentionSite
+    pattern: str  # the pattern that matched
+    block: str | None  # the block scope path the site belongs to (block routers), else None
+
+
+@dataclass
+class SitePlan:
+    """What the spec matched: the placements in graph order and the routers' scopes."""
+
+    placements: list[Placement]
+    blocks: dict[str, BlockScope] = field(default_factory=dict)
+    matches: dict[str, list[str]] = field(default_factory=dict)  # rule name -> matched paths
+
+    def by_rule(self, name: str) -> list[Placement]:
+        return [p for p in self.placements if p.rule.name == name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pattern matching
+# --------------------------------------------------------------------------------------------------
+
+
+def _expand(pattern: str) -> list[tuple[str, int]]:
+    """(glob-or-regex, rank) pairs; rank 3 = exact, 2 = glob/role, 1 = regex."""
+    if pattern.startswith("@"):
+        role = pattern[1:]
+        if role not in ROLES:
+            raise SiteMatchError(f"unknown role '{pattern}'; roles: " + ", ".join("@" + r for r in ROLES))
+        return [(g, 2) for g in ROLES[role]]
+    if pattern.startswith("re:"):
+        return [(pattern, 1)]
+    if any(ch in pattern for ch in "*?["):
+        return [(pattern, 2)]
+    return [(pattern, 3)]
+
+
+def match_rank(pattern: str, path: str) -> int:
+    """0 if ``pattern`` does not match ``path``, else its precedence rank (higher wins)."""
+    best = 0
+    for pat, rank in _expand(pattern):
+        if rank == 1:
+            ok = re.fullmatch(pat[3:], path) is not None
+        elif rank == 2:
+            ok = fnmatch.fnmatchcase(path, pat)
+        else:
+            ok = path == pat
+        if ok:
+            best = max(best, rank)
+    return best
+
+
+def _excluded(rule: ExpertSpec, path: str) -> bool:
+    return any(match_rank(p, path) for p in rule.exclude)
+
+
+def _layer_ok(rule: ExpertSpec, spec: Spec, path: str) -> bool:
+    allowed = rule.layers if rule.layers is not None else spec.layers
+    if allowed is None:
+        return True
+    idx = layer_index(path)
+    return idx is not None and idx in allowed
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding sites in a graph
+# --------------------------------------------------------------------------------------------------
+
+
+def _param_name(node: Any) -> str | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return str(node.target)
+    return None
+
+
+def _shape(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    """Every projection against a module weight, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        site = None
+        if node.target == aten.linear.default and _param_name(node.args[1]):
+            w = _param_name(node.args[1])
+            d_out, d_in = _param_shape(gm, w)
+            site = (node.args[0], w, d_in, d_out, "linear")
+        elif node.target == aten.addmm.default and _param_name(node.args[2]):
+            w = _param_name(node.args[2])  # GPT-2 Conv1D: weight is (d_in, d_out)
+            d_in, d_out = _param_shape(gm, w)
+            site = (node.args[1], w, d_in, d_out, "addmm")
+        elif node.target in (aten.matmul.default, aten.mm.default) and isinstance(node.args[1], fx.Node) \
+                and node.args[1].op == "call_function" and node.args[1].target in (aten.t.default, aten.transpose.int) \
+                and _param_name(node.args[1].args[0]):
+            w = _param_name(node.args[1].args[0])  # x @ W.T (Falcon)
+            d_out, d_in = _param_shape(gm, w)
+            site = (node.args[0], w, d_in, d_out, "matmul")
+        if site is None:
+            continue
+        x, w, d_in, d_out, op = site
+        path = module_path(node) or w.rsplit(".", 1)[0]
+        sites.append(LinearSite(path=path, node=node.name, input=x.name, weight=w, d_in=d_in, d_out=d_out,
+                                layer=layer_index(path), op=op))
+    return sites
+
+
+def _param_shape(gm: fx.GraphModule, name: str) -> tuple[int, int]:
+    obj: Any = gm
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return tuple(obj.shape)  # type: ignore[return-value]
+
+
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.to.device, aten.to.dtype_layout}
+
+
+def _span_nodes(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and path in module_paths(n)]
+
+
+def span_site(gm: fx.GraphModule, path: str) -> SpanSite | None:
+    """The single tensor entering and the single tensor leaving module ``path``, if there are."""
+    nodes = _span_nodes(gm, path)
+    if not nodes:
+        return None
+    inside = set(nodes)
+    inputs: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor) \
+                    and a.meta["val"].dim() >= 2:
+                inputs.setdefault(a, None)
+    # a dtype cast of the span's input that the outside also reads (export records the residual
+    # as reading RMSNorm's no-op `.to(float32)`) is the input itself, not a span output
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)
+               and not (n.target in _CASTS and isinstance(n.args[0], fx.Node) and n.args[0] not in inside)]
+    if len(outputs) != 1:
+        return None
+    out = outputs[0]
+    out_shape = _shape(out)
+    cands = [i for i in inputs if _shape(i) == out_shape]
+    if len(cands) != 1:
+        return None
+    return SpanSite(path=path, input=cands[0].name, output=out.name, dim=int(out_shape[-1]),
+                    layer=layer_index(path))
+
+
+def block_scope(gm: fx.GraphModule, path: str) -> BlockScope | None:
+    """A block's raw input (same shape as its output) and its normalised input (first norm's output)."""
+    span = span_site(gm, path)
+    if span is None:
+        return None
+    names = {n.name: n for n in gm.graph.nodes}
+    raw = names[span.input]
+    normed = None
+    # the normalised input: the output of the first child module that reads the raw input and
+    # returns the same shape (input_layernorm, ln_1, ...)
+    for user in raw.users:
+        child = module_path(user)
+        if child.startswith(path + ".") and "norm" in child.lower().rsplit(".", 1)[-1] or \
+                child.startswith(path + ".ln"):
+            sub = span_site(gm, child)
+            if sub is not None and sub.input == raw.name:
+                normed = sub.output
+                break
+    return BlockScope(path=path, input=raw.name, normed=normed, dim=span.dim, layer=layer_index(path))
+
+
+def attention_site(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> AttentionSite | None:
+    """The SDPA node inside module ``path`` and the frozen k/v projections feeding it."""
+    sdpa = [n for n in _span_nodes(gm, path) if n.target == aten.scaled_dot_product_attention.default]
+    if len(sdpa) != 1:
+        return None
+    node = sdpa[0]
+    q, k, v = node.args[:3]
+    by_node = {s.node: s for s in linears if s.path.startswith(path + ".") or s.path == path}
+    k_lin, k_off = _trace_to_linear(k, by_node)
+    v_lin, v_off = _trace_to_linear(v, by_node)
+    if k_lin is None or v_lin is None:
+        return None
+    qs = _shape(q)
+    ks = _shape(k)
+    head_dim = int(qs[-1])
+    q_heads = int(qs[1])
+    kv_heads = int(k_lin_out(k_lin, k_off, head_dim, ks))
+    scale = node.kwargs.get("scale")
+    return AttentionSite(path=path, node=node.name, query=q.name, q_heads=q_heads, kv_heads=kv_heads,
+                         head_dim=head_dim, k_weight=k_lin.weight, v_weight=v_lin.weight,
+                         k_bias=_bias_of(gm, k_lin), v_bias=_bias_of(gm, v_lin),
+                         k_offset=k_off, v_offset=v_off, hidden=k_lin.d_in, layer=layer_index(path),
+                         scale=float(scale) if scale is not None else None)
+
+
+def k_lin_out(lin: LinearSite, offset: int, head_dim: int, k_shape: tuple) -> int:
+    # the key block's width: the whole output of an unfused k_proj, else the kv heads seen by SDPA
+    if offset == 0 and lin.d_out % head_dim == 0 and lin.d_out // head_dim <= int(k_shape[1]):
+        return lin.d_out // head_dim
+    return int(k_shape[1])
+
+
+def _bias_of(gm: fx.GraphModule, lin: LinearSite) -> str | None:
+    name = lin.weight.rsplit(".", 1)[0] + ".bias"
+    try:
+        _param_shape(gm, name)
+    except AttributeError:
+        return None
+    return name
+
+
+_PASS_THROUGH = {
+    aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.contiguous.default,
+    aten.clone.default, aten.expand.default, aten.unsqueeze.default, aten._unsafe_view.default, aten.mul.Tensor,
+    aten.add.Tensor, aten.cat.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
+    aten.squeeze.dim, aten.flatten.using_ints,
+}
+
+
+def _trace_to_linear(node: Any, by_node: dict[str, LinearSite]) -> tuple[LinearSite | None, int]:
+    """Walk up from an SDPA key/value input to the projection producing it (through reshapes, RoPE,
+    GQA repeats and the split of a fused qkv projection); return it and the feature offset."""
+    frontier = [(node, 0)]
+    seen = set()
+    while frontier:
+        n, offset = frontier.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.name in by_node:
+            return by_node[n.name], offset
+        if n.op != "call_function":
+            continue
+        if n.target == aten.slice.Tensor and len(n.args) >= 3:
+            frontier.append((n.args[0], offset + int(n.args[2] or 0)))
+        elif n.target is __import__("operator").getitem and isinstance(n.args[0], fx.Node) and \
+                n.args[0].target in (aten.split_with_sizes.default, aten.split.Tensor):
+            split = n.args[0]
+            idx = int(n.args[1])
+            sizes = split.args[1]
+            if isinstance(sizes, int):
+                sizes = [sizes] * (idx + 1)
+            frontier.append((split.args[0], offset + int(sum(sizes[:idx]))))
+        elif n.target in _PASS_THROUGH:
+            for a in n.all_input_nodes:
+                if a.op != "get_attr":
+                    frontier.append((a, offset))
+    return None, 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying the spec
+# --------------------------------------------------------------------------------------------------
+
+
+def _candidates(gm: fx.GraphModule, rule: ExpertSpec, linears: list[LinearSite]) -> list[tuple[str, Any]]:
+    """(path, site) pairs of the right kind for this rule, in graph order."""
+    if isinstance(rule, LoraExpert):
+        return [(s.path, s) for s in linears]
+    paths = all_module_paths(gm)
+    out = []
+    for p in paths:
+        if not any(match_rank(pat, p) for pat in rule.patterns):
+            continue
+        if isinstance(rule, ParallelAdapterExpert):
+            out.append((p, span_site(gm, p)))
+        elif isinstance(rule, PromptExpert):
+            out.append((p, attention_site(gm, p, linears)))
+    return out
+
+
+def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
+    """Match every expert rule of ``spec`` against ``gm``; raise if a required rule matches nothing."""
+    linears = linear_sites(gm)
+    all_paths = all_module_paths(gm)
+    claims: dict[tuple[str, str], list[tuple[int, ExpertSpec, str]]] = {}
+    matched: dict[str, list[str]] = {r.name: [] for r in spec.experts}
+    sites: dict[tuple[str, str], Any] = {}
+    for rule in spec.experts:
+        hit_any = False
+        for path, site in _candidates(gm, rule, linears):
+            ranks = [(match_rank(p, path), p) for p in rule.patterns]
+            rank, pat = max(ranks)
+            if rank == 0:
+                continue
+            hit_any = True
+            if _excluded(rule, path) or not _layer_ok(rule, spec, path):
+                continue
+            if site is None:
+                what = "a single input and output tensor" if isinstance(rule, ParallelAdapterExpert) else \
+                    "a scaled_dot_product_attention op fed by its own k/v projections"
+                raise SiteMatchError(f"expert '{rule.name}': module '{path}' matched '{pat}' but has no {what}; "
+                                     f"point the pattern at another module or add it to exclude")
+            key = (rule.kind, site.node if hasattr(site, "node") else site.output)
+            sites[key] = site
+            claims.setdefault(key, []).append((rank, rule, pat))
+        if not hit_any and not rule.optional:
+            raise _no_match(rule, all_paths, linears)
+    placements = []
+    for key, entries in claims.items():
+        entries.sort(key=lambda e: -e[0])
+        if len(entries) > 1 and entries[0][0] == entries[1][0]:
+            a, b = entries[0], entries[1]
+            raise SiteMatchError(
+                f"experts '{a[1].name}' ('{a[2]}') and '{b[1].name}' ('{b[2]}') both claim "
+                f"{sites[key].path} with equal precedence; make one pattern more specific (an exact path wins "
+                "over a glob) or add the path to one rule's exclude")
+        rank, rule, pat = entries[0]
+        placements.append(Placement(rule=rule, site=sites[key], pattern=pat, block=None))
+        matched[rule.name].append(sites[key].path)
+    for rule in spec.experts:
+        if not matched[rule.name] and not rule.optional:
+            raise SiteMatchError(f"expert '{rule.name}' matched only modules that its layers/exclude settings or a "
+                                 "more specific rule removed; widen 'layers' or set optional = true")
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    placements.sort(key=lambda p: order[getattr(p.site, "node", None) or p.site.output])
+    blocks: dict[str, BlockScope] = {}
+    router = spec.router
+    if router.kind == "block":
+        placed = []
+        for p in placements:
+            bpath = _block_of(router.scope, p.site.path)
+            if bpath is None:
+                raise SiteMatchError(f"router.scope '{router.scope}' matches no block around {p.site.path}; "
+                                     "use a glob such as 'model.layers.*' (or '@blocks' to detect the blocks)")
+            if bpath not in blocks:
+                scope = block_scope(gm, bpath)
+                if scope is None:
+                    raise SiteMatchError(f"block '{bpath}' has no single input tensor to route on; "
+                                         "choose a router.scope whose modules are whole decoder blocks")
+                if router.input == "normed" and scope.normed is None:
+                    raise SiteMatchError(f"block '{bpath}' has no normalisation module on its input; "
+                                         "set router.input = 'raw'")
+                blocks[bpath] = scope
+            placed.append(dataclasses.replace(p, block=bpath))
+        placements = placed
+    return SitePlan(placements=placements, blocks=blocks, matches=matched)
+
+
+def _block_of(scope: str, path: str) -> str | None:
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if scope == "@blocks":
+            if parts[i - 1].isdigit():
+                return prefix
+        elif match_rank(scope, prefix):
+            return prefix
+    return None
+
+
+def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite]) -> SiteMatchError:
+    pool = [s.path for s in linears] if isinstance(rule, LoraExpert) else all_paths
+    # compare the last components first: '*.qproj' should find 'model.layers.0.self_attn.q_proj'
+    tails = sorted({p.rsplit(".", 1)[-1] for p in pool})
+    hints: list[str] = []
+    for pat in rule.patterns:
+        stem = pat.rsplit(".", 1)[-1].strip("*?@")
+        for t in difflib.get_close_matches(stem, tails, n=3, cutoff=0.5):
+            hints.append(f"'*.{t}'")
+    example = next((p for p in pool if hints and p.endswith(hints[0].strip("'*"))), pool[0] if pool else "")
+    near = ", ".join(dict.fromkeys(hints)) or ", ".join(f"'{p}'" for p in difflib.get_close_matches(
+        rule.patterns[0], pool, n=3, cutoff=0.3))
+    kind = "linear projection" if isinstance(rule, LoraExpert) else "module"
+    return SiteMatchError(f"expert '{rule.name}': pattern {list(rule.patterns)} matched no {kind}; "
+                          f"did you mean {near or 'one of the listed paths'}? (e.g. '{example}'; "
+                          f"{len(pool)} candidates; set optional = true to allow no match)")

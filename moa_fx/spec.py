@@ -1,0 +1,509 @@
+"""The declarative spec: which experts go where, and how they are routed.
+
+Map of this module
+- :class:`LoraExpert`, :class:`ParallelAdapterExpert`, :class:`PromptExpert`: one dataclass per
+  expert kind; ``EXPERT_KINDS`` maps the ``kind`` string to its class.
+- :class:`ThresholdSpec`, :class:`RouterSpec`: how experts are gated and selected.
+- :class:`Spec`: the whole spec; :func:`load_spec` reads TOML, JSON, a dict or a preset name.
+- :func:`spec_reference`: the reference table printed in the README and by the CLI, generated from
+  the field metadata (the help text lives in one place: here).
+
+Every dataclass is frozen and validates itself in ``__post_init__``; a bad value raises
+:class:`~moa_fx.errors.SpecError` naming the field, the value and the allowed values.
+
+Example (AdaMoLE, four rank-4 LoRA experts per projection)::
+
+    Spec(
+        experts=(LoraExpert(at=("*.q_proj", "*.v_proj"), r=4, alpha=16, dropout=0.05, count=4),),
+        router=RouterSpec(scope="site", gate="softmax", select="threshold",
+                          threshold=ThresholdSpec(learned=True, rule="adamole"),
+                          aux_loss_coef=1e-3),
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import SpecError
+
+__all__ = [
+    "LoraExpert",
+    "ParallelAdapterExpert",
+    "PromptExpert",
+    "ThresholdSpec",
+    "RouterSpec",
+    "Spec",
+    "ExpertSpec",
+    "EXPERT_KINDS",
+    "load_spec",
+    "spec_from_dict",
+    "spec_to_dict",
+    "spec_reference",
+]
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+def _fail(where: str, value: Any, allowed: str, fix: str = "") -> SpecError:
+    msg = f"{where} = {value!r} is not valid; {allowed}"
+    if fix:
+        msg += f" ({fix})"
+    return SpecError(msg)
+
+
+def _check_choice(where: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _fail(where, value, "choose one of " + ", ".join(repr(c) for c in choices))
+
+
+def _as_patterns(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) and p for p in value):
+        raise _fail(where, value, "give a module-path glob such as '*.q_proj' or a list of them "
+                    "(prefix 're:' for a regular expression)")
+    return tuple(value)
+
+
+def _as_layers(where: str, value: Any) -> tuple[int, ...] | None:
+    """``None`` (all layers), ``[lo, hi]`` as {from=lo, to=hi}, or an explicit list of indices."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        unknown = set(value) - {"from", "to"}
+        if unknown or "from" not in value or "to" not in value:
+            raise _fail(where, value, "write a range as {from = 0, to = 15} (both ends included) "
+                        "or a list of layer indices")
+        lo, hi = value["from"], value["to"]
+        if not (isinstance(lo, int) and isinstance(hi, int)) or lo < 0 or hi < lo:
+            raise _fail(where, value, "a range needs integers 0 <= from <= to")
+        return tuple(range(lo, hi + 1))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return tuple(sorted(set(value)))
+    raise _fail(where, value, "give a list of non-negative layer indices or {from = a, to = b}")
+
+
+def _positive_int(where: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _fail(where, value, "it must be a positive integer")
+
+
+def _non_negative_float(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise _fail(where, value, "it must be a number >= 0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert kinds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraExpert:
+    """LoRA experts at linear projections: ``s·B(A(dropout(x)))`` with ``s = alpha / r``."""
+
+    kind: Literal["lora"] = field(default="lora", metadata=_help("expert kind"))
+    at: tuple[str, ...] = field(default=("*.q_proj", "*.v_proj"), metadata=_help(
+        "module-path globs (or 're:<regex>') of the projections that get the experts"))
+    r: int | tuple[int, ...] = field(default=8, metadata=_help(
+        "rank of each expert; a list gives one expert per rank (heterogeneous mixture)"))
+    alpha: float = field(default=8.0, metadata=_help("LoRA alpha; the scale is alpha / r per expert"))
+    dropout: float = field(default=0.0, metadata=_help(
+        "dropout on the expert input, drawn independently in each expert; the router reads the undropped input"))
+    count: int = field(default=1, metadata=_help(
+        "experts per site when r is one number (r is then shared by all of them)"))
+    share_a: bool = field(default=False, metadata=_help(
+        "one shared A and one B per expert (HydraLoRA); needs equal ranks"))
+    layers: tuple[int, ...] | None = field(default=None, metadata=_help(
+        "only these layer indices (list, or {from, to} both included); default: the spec's layers"))
+    exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
+    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    name: str = field(default="lora", metadata=_help("expert name used in parameter names and router stats"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", _as_patterns("expert.lora.at", self.at))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        ranks = self.r if isinstance(self.r, (list, tuple)) else (self.r,)
+        if not ranks:
+            raise _fail("expert.lora.r", self.r, "give a positive rank or a non-empty list of ranks")
+        for rank in ranks:
+            _positive_int("expert.lora.r", rank)
+        _positive_int("expert.lora.count", self.count)
+        if isinstance(self.r, (list, tuple)):
+            if self.count not in (1, len(ranks)):
+                raise _fail("expert.lora.count", self.count,
+                            f"with a list of {len(ranks)} ranks, count must be 1 or {len(ranks)}",
+                            "drop count: one expert is made per listed rank")
+            object.__setattr__(self, "r", tuple(ranks))
+        _non_negative_float("expert.lora.alpha", self.alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise _fail("expert.lora.dropout", self.dropout, "it must be in [0, 1)")
+        if self.share_a and len(set(self.ranks)) != 1:
+            raise _fail("expert.lora.share_a", self.share_a, "a shared A needs every expert to have the same rank")
+        object.__setattr__(self, "layers", _as_layers("expert.lora.layers", self.layers))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The rank of every expert this rule places at one site."""
+        if isinstance(self.r, tuple):
+            return self.r
+        return (self.r,) * self.count
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.at
+
+
+@dataclass(frozen=True)
+class ParallelAdapterExpert:
+    """A bottleneck adapter beside a whole module span: ``W_up·act(W_down·h + b_down) + b_up``."""
+
+    kind: Literal["parallel_adapter"] = field(default="parallel_adapter", metadata=_help("expert kind"))
+    around: tuple[str, ...] = field(default=("*.mlp",), metadata=_help(
+        "module-path globs of the spans (module boundaries) the adapter runs beside"))
+    bottleneck: int = field(default=16, metadata=_help("bottleneck width"))
+    activation: Literal["silu", "relu", "gelu"] = field(default="silu", metadata=_help("bottleneck activation"))
+    init_gain: float = field(default=1e-4, metadata=_help("Xavier-uniform gain of both weights (biases start at 0)"))
+    layers: tuple[int, ...] | None = field(default=None, metadata=_help("only these layer indices"))
+    exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
+    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    name: str = field(default="pa", metadata=_help("expert name"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "around", _as_patterns("expert.parallel_adapter.around", self.around))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _positive_int("expert.parallel_adapter.bottleneck", self.bottleneck)
+        _check_choice("expert.parallel_adapter.activation", self.activation, ("silu", "relu", "gelu"))
+        _non_negative_float("expert.parallel_adapter.init_gain", self.init_gain)
+        object.__setattr__(self, "layers", _as_layers("expert.parallel_adapter.layers", self.layers))
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.around
+
+
+@dataclass(frozen=True)
+class PromptExpert:
+    """Prompt-tuning expert inside attention: L learned prompts attended by the query after RoPE."""
+
+    kind: Literal["prompt"] = field(default="prompt", metadata=_help("expert kind"))
+    at: tuple[str, ...] = field(default=("*.self_attn",), metadata=_help(
+        "module-path globs of the attention modules (their attention op is found in the graph)"))
+    length: int = field(default=10, metadata=_help("number of prompt vectors L"))
+    layers: tuple[int, ...] | None = field(default=None, metadata=_help("only these layer indices"))
+    exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
+    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    name: str = field(default="prompt", metadata=_help("expert name"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", _as_patterns("expert.prompt.at", self.at))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _positive_int("expert.prompt.length", self.length)
+        object.__setattr__(self, "layers", _as_layers("expert.prompt.layers", self.layers))
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.at
+
+
+ExpertSpec = Union[LoraExpert, ParallelAdapterExpert, PromptExpert]
+EXPERT_KINDS: dict[str, type] = {
+    "lora": LoraExpert,
+    "parallel_adapter": ParallelAdapterExpert,
+    "prompt": PromptExpert,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """The per-token threshold τ of threshold selection."""
+
+    learned: bool = field(default=False, metadata=_help(
+        "learn τ = max · sigmoid(W_t h + b_t) per token; otherwise τ = value, a constant"))
+    value: float = field(default=0.5, metadata=_help("the constant threshold when learned = false"))
+    max: float | None = field(default=None, metadata=_help(
+        "τ_max of the learned threshold; default 1/E (AdaMoLE)"))
+    rule: Literal["adamole", "moa"] = field(default="adamole", metadata=_help(
+        "'adamole': w = (g − τ)·sel, renormalised (τ learns); 'moa': w = g·sel (τ gets no gradient)"))
+
+    def __post_init__(self) -> None:
+        _check_choice("router.threshold.rule", self.rule, ("adamole", "moa"))
+        if not isinstance(self.learned, bool):
+            raise _fail("router.threshold.learned", self.learned, "it must be true or false")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not 0.0 <= self.value <= 1.0:
+            raise _fail("router.threshold.value", self.value, "it must be in [0, 1]")
+        if self.max is not None and (isinstance(self.max, bool) or not isinstance(self.max, (int, float))
+                                     or not 0.0 < self.max <= 1.0):
+            raise _fail("router.threshold.max", self.max, "it must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How the experts are gated: where the router sits, its form, the gate and the selection."""
+
+    scope: str = field(default="none", metadata=_help(
+        "'none' (every expert weight 1), 'site' (one router per projection, AdaMoLE), or a block "
+        "glob like 'model.layers.*' (one router per block for every expert inside it, MoA)"))
+    input: Literal["normed", "raw"] = field(default="normed", metadata=_help(
+        "block routers read the block's normalised input (input_layernorm) or its raw input"))
+    form: Literal["linear", "swiglu"] = field(default="linear", metadata=_help(
+        "router network: linear d→E, or SwiGLU with hidden E·hidden_multiplier"))
+    hidden_multiplier: int = field(default=4, metadata=_help("SwiGLU router hidden size is E times this"))
+    bias: bool = field(default=False, metadata=_help("give the linear router a bias"))
+    gate: Literal["softmax", "sigmoid"] = field(default="softmax", metadata=_help(
+        "gate function on the router logits (softmax is computed in fp32)"))
+    select: Literal["dense", "topk", "threshold"] = field(default="dense", metadata=_help(
+        "dense (every expert, weighted), top-k, or threshold (constant or learned)"))
+    top_k: int = field(default=2, metadata=_help("experts per token when select = 'topk'"))
+    threshold: ThresholdSpec = field(default_factory=ThresholdSpec, metadata=_help(
+        "threshold settings when select = 'threshold'"))
+    renormalize: bool | None = field(default=None, metadata=_help(
+        "divide the selected weights by their sum; default: true for softmax, false for sigmoid"))
+    aux_loss_coef: float = field(default=0.0, metadata=_help(
+        "coefficient of the load-balancing loss E·Σ f_e·P_e added to the loss in training"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scope, str) or not self.scope:
+            raise _fail("router.scope", self.scope, "choose 'none', 'site' or a block glob like 'model.layers.*'")
+        _check_choice("router.input", self.input, ("normed", "raw"))
+        _check_choice("router.form", self.form, ("linear", "swiglu"))
+        _positive_int("router.hidden_multiplier", self.hidden_multiplier)
+        _check_choice("router.gate", self.gate, ("softmax", "sigmoid"))
+        _check_choice("router.select", self.select, ("dense", "topk", "threshold"))
+        _positive_int("router.top_k", self.top_k)
+        if isinstance(self.threshold, dict):
+            object.__setattr__(self, "threshold", _build(ThresholdSpec, self.threshold, "router.threshold"))
+        if not isinstance(self.threshold, ThresholdSpec):
+            raise _fail("router.threshold", self.threshold, "give a table such as {learned = true}")
+        _non_negative_float("router.aux_loss_coef", self.aux_loss_coef)
+        if self.renormalize is not None and not isinstance(self.renormalize, bool):
+            raise _fail("router.renormalize", self.renormalize, "it must be true, false or left out")
+        if self.scope == "none" and self.select != "dense":
+            raise _fail("router.select", self.select, "without a router (scope = 'none') only 'dense' applies",
+                        "set router.scope to 'site' or a block glob")
+
+    @property
+    def kind(self) -> str:
+        """'none', 'site' or 'block'."""
+        return self.scope if self.scope in ("none", "site") else "block"
+
+    @property
+    def renormalizes(self) -> bool:
+        if self.renormalize is not None:
+            return self.renormalize
+        return self.gate == "softmax"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole moa-fx spec: expert rules, one routing rule, and the layers they apply to."""
+
+    experts: tuple[ExpertSpec, ...] = field(default=(), metadata=_help("the expert rules, in order"))
+    router: RouterSpec = field(default_factory=RouterSpec, metadata=_help("how the experts are routed"))
+    layers: tuple[int, ...] | None = field(default=None, metadata=_help(
+        "layer indices that get experts (list or {from, to}); default all"))
+    name: str = field(default="custom", metadata=_help("a name for this spec (shown by the CLI)"))
+    description: str = field(default="", metadata=_help("free text"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            object.__setattr__(self, "router", _build(RouterSpec, self.router, "router"))
+        experts = tuple(_expert_from_any(e, i) for i, e in enumerate(self.experts))
+        if not experts:
+            raise SpecError("spec.experts is empty; add at least one [[expert]] table such as "
+                            "{kind = 'lora', at = ['*.q_proj'], r = 8}")
+        names = [e.name for e in experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise SpecError(f"expert names must be unique; {dup} appear more than once "
+                            "(give each [[expert]] its own name = '...')")
+        object.__setattr__(self, "experts", experts)
+        object.__setattr__(self, "layers", _as_layers("spec.layers", self.layers))
+        r = self.router
+        if r.kind == "site" and any(not isinstance(e, LoraExpert) for e in experts):
+            raise _fail("router.scope", r.scope, "per-site routers gate LoRA experts only",
+                        "use a block scope such as 'model.layers.*' for parallel adapters and prompts")
+        if r.select == "topk" and r.kind == "site":
+            for e in experts:
+                if r.top_k > len(e.ranks):
+                    raise _fail("router.top_k", r.top_k,
+                                f"expert '{e.name}' has only {len(e.ranks)} experts per site; top_k must be <= {len(e.ranks)}")
+
+
+def _expert_from_any(value: Any, index: int) -> ExpertSpec:
+    if isinstance(value, tuple(EXPERT_KINDS.values())):
+        return value
+    if not isinstance(value, dict):
+        raise _fail(f"experts[{index}]", value, "each expert is a table with a 'kind'")
+    kind = value.get("kind")
+    if kind not in EXPERT_KINDS:
+        raise _fail(f"experts[{index}].kind", kind, "choose one of " + ", ".join(repr(k) for k in EXPERT_KINDS))
+    return _build(EXPERT_KINDS[kind], value, f"experts[{index}] ({kind})")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise _fail(where, data, "expected a table")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, names, n=1)
+            hints.append(f"'{u}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise SpecError(f"{where}: unknown field {', '.join(hints)}; allowed fields: {', '.join(sorted(names))}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, val in data.items():
+        _check_type(f"{where}.{key}", val, hints[key])
+        if isinstance(val, list):
+            val = tuple(val)
+        kwargs[key] = val
+    return cls(**kwargs)
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """A shallow type check with a clear message (the dataclass checks ranges)."""
+    allowed: list[type] = []
+
+    def collect(h: Any) -> None:
+        origin = get_origin(h)
+        if origin is Union:
+            for a in get_args(h):
+                collect(a)
+        elif origin is Literal:
+            allowed.extend(type(a) for a in get_args(h))
+        elif origin in (tuple, list):
+            allowed.extend((list, tuple))
+        elif h is type(None):
+            allowed.append(type(None))
+        elif h is float:
+            allowed.extend((float, int))
+        elif isinstance(h, type):
+            allowed.append(h)
+        else:
+            allowed.append(object)
+
+    collect(hint)
+    if dict in allowed or object in allowed:
+        return
+    if any(isinstance(value, t) for t in allowed) and not (isinstance(value, bool) and bool not in allowed
+                                                          and int in allowed):
+        return
+    if isinstance(value, dict) and any(dataclasses.is_dataclass(t) for t in allowed):
+        return
+    names = sorted({t.__name__ if t is not type(None) else "none" for t in allowed})
+    raise SpecError(f"{where} = {value!r} has type {type(value).__name__}; expected {' or '.join(names)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------------
+
+
+def spec_from_dict(data: dict) -> Spec:
+    """Build a spec from plain data: ``{"expert": [...], "router": {...}, "layers": ...}``.
+
+    Both ``expert`` (TOML's ``[[expert]]``) and ``experts`` are accepted as the list key.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec must be a table/object, got {type(data).__name__}")
+    data = dict(data)
+    if "expert" in data and "experts" in data:
+        raise SpecError("give the expert list once, as [[expert]] (or 'experts' in JSON), not both")
+    if "expert" in data:
+        data["experts"] = data.pop("expert")
+    if not isinstance(data.get("experts", []), (list, tuple)):
+        raise SpecError("spec.experts must be a list of expert tables ([[expert]] in TOML)")
+    return _build(Spec, data, "spec")
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    """Plain JSON-able data that :func:`spec_from_dict` turns back into an equal spec."""
+
+    def clean(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: clean(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, (list, tuple)):
+            return [clean(x) for x in obj]
+        return obj
+
+    data = clean(spec)
+    return data
+
+
+def load_spec(source: str | pathlib.Path | dict | Spec) -> Spec:
+    """Load a spec from a preset name, a ``.toml`` or ``.json`` file, a dict, or pass a Spec through.
+
+    >>> load_spec("adamole").router.select
+    'threshold'
+    """
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return spec_from_dict(source)
+    from . import presets
+
+    text = str(source)
+    if text in presets.PRESETS:
+        return presets.get(text)
+    path = pathlib.Path(text)
+    if not path.exists():
+        import difflib
+
+        close = difflib.get_close_matches(text, list(presets.PRESETS), n=3)
+        hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise SpecError(f"spec '{text}' is neither a preset nor an existing file;{hint} presets: "
+                        + ", ".join(sorted(presets.PRESETS)))
+    raw = path.read_bytes()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(raw.decode("utf-8"))
+        elif path.suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            raise SpecError(f"spec file '{path}' must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpecError(f"spec file '{path}' is not valid {path.suffix[1:].upper()}: {err}") from None
+    return spec_from_dict(data)
+
+
+def spec_reference() -> str:
+    """A Markdown reference of every spec field, generated from the field metadata."""
+    lines = []
+    for title, cls in [("[router]", RouterSpec), ("[router.threshold]", ThresholdSpec),
+                       *[(f"[[expert]] kind = '{k}'", c) for k, c in EXPERT_KINDS.items()],
+                       ("top level", Spec)]:
+        lines.append(f"#### {title}\n")
+        lines.append("| field | default | meaning |")
+        lines.append("|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if f.name == "kind" or (cls is Spec and f.name in ("experts", "router")):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = "(table)"
+            else:
+                default = ""
+            if isinstance(default, tuple):
+                default = list(default)
+            lines.append(f"| `{f.name}` | `{json.dumps(default) if default != '(table)' else default}` | "
+                         f"{f.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)
