@@ -386,7 +386,10 @@ def _publish(source: Path, target: Path) -> None:
     """Rename ``source`` to ``target`` atomically; a concurrent winner is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(source, target) if source.is_file() else os.rename(source, target)
+        if source.is_file():
+            os.replace(source, target)
+        else:
+            os.rename(source, target)
     except OSError:
         # Another process published the same asset first (a folder cannot be
         # renamed onto a non-empty one); its copy was verified the same way.
