@@ -1,0 +1,38 @@
+import json
+
+
+def test_spec_diff_groups_by_pass_and_site(cli):
+    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa")
+    assert code == 0
+    assert "+ insert_lora_experts  10 nodes at 10 sites" in out
+    assert "+ model.layers.{0..1}.mlp ×2: 1 nodes (pa)" in out
+    assert "summary: +36" in out
+
+
+def test_exit_code_and_json(cli, cli_json, tmp_path):
+    code, diff = cli_json("diff", "tiny-llama", "--spec", "lora", "--json", "--exit-code")
+    assert code == 1 and not diff["equal"]
+    assert diff["summary"]["added"] == len(diff["added"]) > 0
+    assert all(n["provenance"] for n in diff["added"])
+    rewired = [c for c in diff["changed"] if "inputs" in c["fields"]]
+    assert rewired  # users of each projection now read the combine
+
+
+def test_two_dumps(cli, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert cli("dump", "tiny-llama", "--spec", "lora", "--view", "json", "-o", str(a))[0] == 0
+    assert cli("dump", "tiny-llama", "--spec", "lora", "--view", "json", "-o", str(b))[0] == 0
+    code, out, _ = cli("diff", str(a), str(b), "--exit-code")
+    assert code == 0 and "graphs are equal" in out
+    data = json.loads(b.read_text())
+    data["nodes"] = [n for n in data["nodes"] if "lora" not in n["op"] or "layers.1." not in n["op"]]
+    b.write_text(json.dumps(data))
+    code, out, _ = cli("diff", str(a), str(b), "--exit-code")
+    assert code == 1 and "removed 5 nodes" in out
+
+
+def test_two_specs(cli_json):
+    code, diff = cli_json("diff", "tiny-llama", "--spec", "lora", "--spec", "lora", "--json", "--exit-code")
+    assert code == 0 and diff["equal"]
+    code, diff = cli_json("diff", "tiny-llama", "--spec", "lora", "--spec", "adamole", "--json")
+    assert code == 0 and diff["summary"]["removed"] > 0  # lora's down_proj experts are not in adamole
