@@ -1,7 +1,6 @@
 import json
 import time
 
-import pytest
 
 
 def test_tree_collapses_repeated_blocks(cli):
