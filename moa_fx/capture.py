@@ -113,6 +113,7 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *, dyn
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    _inline_no_grad_regions(unlifted)
     out_spec = unlifted._out_spec
     # A plain CodeGen: forward(*flat_inputs) -> tuple(flat_outputs); the runtime rebuilds the pytree.
     graph._codegen = fx.graph.CodeGen()
@@ -143,6 +144,51 @@ def capture(model: nn.Module, example_inputs: tuple | dict | None = None, *, dyn
     )
 
 
+def _inline_no_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled(False, submod, *xs)`` regions (export makes one of RoPE's
+    ``torch.no_grad()``), detaching their outputs. Dynamo cannot re-trace that higher-order op when
+    its region reads a symbolic size, and a no-grad region is exactly "these outputs carry no grad"."""
+    graph = gm.graph
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not hop:
+            continue
+        enabled, sub_attr, *operands = node.args
+        sub = getattr(gm, sub_attr.target)
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for ph, value in zip(placeholders, operands):
+            env[ph] = value
+        outputs: Any = None
+        with graph.inserting_before(node):
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = fx.node.map_arg(inner.args[0], lambda n: env[n])
+                    continue
+                new = graph.node_copy(inner, lambda n: env[n])
+                env[inner] = new
+            if not isinstance(outputs, (tuple, list)):
+                outputs = (outputs,)
+            if not enabled:
+                detached = []
+                for out in outputs:
+                    d = graph.call_function(torch.ops.aten.detach.default, (out,))
+                    d.meta = dict(out.meta)
+                    detached.append(d)
+                outputs = detached
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is __import__("operator").getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+        graph.erase_node(node)
+        if not any(n.op == "get_attr" and n.target == sub_attr.target for n in graph.nodes if n is not sub_attr):
+            graph.erase_node(sub_attr)
+            delattr(gm, sub_attr.target)
+    graph.lint()
+
+
 @contextlib.contextmanager
 def _no_cache(config: Any):
     old = getattr(config, "use_cache", None)
@@ -158,10 +204,10 @@ def _no_cache(config: Any):
 def _explain_failure(model: nn.Module, err: Exception) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     first = None
+    # the innermost frame of the model's own code (not torch, not moa-fx, not generated code)
     for fr in frames:
-        if "/torch/" not in fr.filename and "moa_fx" not in fr.filename:
+        if "/torch/" not in fr.filename and "/moa_fx/" not in fr.filename and not fr.filename.startswith("<"):
             first = fr
-            break
     where = f"{first.filename}:{first.lineno} in {first.name}" if first else "inside torch.export"
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"torch.export could not capture {type(model).__name__} (first failing frame: {where}): "

@@ -97,17 +97,18 @@ class PromptDelta(nn.Module):
     """
 
     def __init__(self, length: int, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
-                 k_offset: int, v_offset: int, *, device=None, dtype=None) -> None:
+                 k_offset: int, v_offset: int, transposed: bool = False, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.prompt = nn.Parameter(torch.randn(length, hidden, device=device, dtype=dtype)
-                                   if device != torch.device("meta") and str(device) != "meta"
-                                   else torch.empty(length, hidden, device=device, dtype=dtype))
+        self.prompt = nn.Parameter(torch.randn(length, hidden, device=device, dtype=dtype))  # nn.Embedding's N(0, 1)
         self.head_gate = nn.Parameter(torch.zeros(q_heads, device=device, dtype=dtype))
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.k_offset, self.v_offset = k_offset, v_offset
+        self.transposed = transposed
 
     def _project(self, w: torch.Tensor, b: torch.Tensor | None, offset: int) -> torch.Tensor:
         width = self.kv_heads * self.head_dim
+        if self.transposed:
+            w = w.t()
         w = w[offset:offset + width]
         b = b[offset:offset + width] if b is not None else None
         kv = F.linear(self.prompt.to(w.dtype), w, b)  # (L, kv_heads*hd)

@@ -7,6 +7,8 @@ applies to LLaMA-style and GPT-2-style module names alike.
 
 from __future__ import annotations
 
+import inspect
+
 from .errors import SpecError
 from .spec import LoraExpert, ParallelAdapterExpert, PromptExpert, RouterSpec, Spec, ThresholdSpec
 
@@ -113,4 +115,4 @@ def get(name: str) -> Spec:
 
 
 def describe(name: str) -> str:
-    return (PRESETS[name].__doc__ or "").strip()
+    return inspect.cleandoc(PRESETS[name].__doc__ or "")

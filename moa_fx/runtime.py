@@ -52,18 +52,19 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
-              until: str | None = None) -> "MoAModel":
+              dynamic: bool = True, until: str | None = None) -> "MoAModel":
     """Capture ``model``, insert the experts and routers that ``spec`` describes, return a MoAModel.
 
     ``spec`` is a :class:`Spec`, a preset name (``"adamole"``), a ``.toml``/``.json`` path or a dict.
     The base weights are shared with ``model`` (not copied) and frozen. ``until`` stops after the
-    named pass (for inspection).
+    named pass (for inspection). ``dynamic=False`` captures with the example shapes only (much
+    faster for big architectures on the meta device, where only inspection is wanted).
 
     >>> model = transform(hf_model, "adamole")            # doctest: +SKIP
     >>> model(input_ids=ids, labels=ids).loss.backward()  # doctest: +SKIP
     """
     spec = load_spec(spec)
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, dynamic=dynamic)
     plan = find_sites(captured.gm, spec)
     ctx = run_pipeline(PassContext(captured.gm, spec, plan), until=until)
     return MoAModel(captured, spec, ctx)

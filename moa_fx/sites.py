@@ -123,6 +123,7 @@ class AttentionSite:
     hidden: int
     layer: int | None
     scale: float | None
+    transposed: bool = False  # weights stored (d_in, d_out), as GPT-2's Conv1D
 
     kind = "attention"
 
@@ -282,7 +283,7 @@ def span_site(gm: fx.GraphModule, path: str) -> SpanSite | None:
                 inputs.setdefault(a, None)
     # a dtype cast of the span's input that the outside also reads (export records the residual
     # as reading RMSNorm's no-op `.to(float32)`) is the input itself, not a span output
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) and isinstance(n.meta.get("val"), torch.Tensor)
                and not (n.target in _CASTS and isinstance(n.args[0], fx.Node) and n.args[0] not in inside)]
     if len(outputs) != 1:
         return None
@@ -329,23 +330,21 @@ def attention_site(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> 
     if k_lin is None or v_lin is None:
         return None
     qs = _shape(q)
-    ks = _shape(k)
     head_dim = int(qs[-1])
     q_heads = int(qs[1])
-    kv_heads = int(k_lin_out(k_lin, k_off, head_dim, ks))
+    if k_lin.node == v_lin.node:  # fused qkv: d_out = (H_q + 2·H_kv)·hd
+        kv_heads = (k_lin.d_out // head_dim - q_heads) // 2
+    else:
+        kv_heads = k_lin.d_out // head_dim
+    if kv_heads <= 0 or q_heads % kv_heads:
+        return None
     scale = node.kwargs.get("scale")
     return AttentionSite(path=path, node=node.name, query=q.name, q_heads=q_heads, kv_heads=kv_heads,
                          head_dim=head_dim, k_weight=k_lin.weight, v_weight=v_lin.weight,
                          k_bias=_bias_of(gm, k_lin), v_bias=_bias_of(gm, v_lin),
                          k_offset=k_off, v_offset=v_off, hidden=k_lin.d_in, layer=layer_index(path),
+                         transposed=k_lin.op == "addmm",
                          scale=float(scale) if scale is not None else None)
-
-
-def k_lin_out(lin: LinearSite, offset: int, head_dim: int, k_shape: tuple) -> int:
-    # the key block's width: the whole output of an unfused k_proj, else the kv heads seen by SDPA
-    if offset == 0 and lin.d_out % head_dim == 0 and lin.d_out // head_dim <= int(k_shape[1]):
-        return lin.d_out // head_dim
-    return int(k_shape[1])
 
 
 def _bias_of(gm: fx.GraphModule, lin: LinearSite) -> str | None:

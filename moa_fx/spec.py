@@ -27,6 +27,7 @@ import dataclasses
 import json
 import pathlib
 import tomllib
+import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -45,6 +46,7 @@ __all__ = [
     "spec_from_dict",
     "spec_to_dict",
     "spec_reference",
+    "spec_to_toml",
 ]
 
 
@@ -354,6 +356,12 @@ def _expert_from_any(value: Any, index: int) -> ExpertSpec:
     return _build(EXPERT_KINDS[kind], value, f"experts[{index}] ({kind})")
 
 
+# PEFT's names for our fields, so a PEFT user's guess gets a precise hint
+_PEFT_NAMES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "at",
+               "num_experts": "count", "layers_to_transform": "layers", "exclude_modules": "exclude",
+               "top_k_experts": "top_k", "threshold_max": "max"}
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     if not isinstance(data, dict):
         raise _fail(where, data, "expected a table")
@@ -364,13 +372,14 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
         hints = []
         for u in unknown:
-            close = difflib.get_close_matches(u, names, n=1)
+            close = [_PEFT_NAMES[u]] if _PEFT_NAMES.get(u) in names else difflib.get_close_matches(u, names, n=1)
             hints.append(f"'{u}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise SpecError(f"{where}: unknown field {', '.join(hints)}; allowed fields: {', '.join(sorted(names))}")
     hints = get_type_hints(cls)
     kwargs = {}
     for key, val in data.items():
-        _check_type(f"{where}.{key}", val, hints[key])
+        if not (key == "layers" and isinstance(val, dict)):  # {from, to} is checked by _as_layers
+            _check_type(f"{where}.{key}", val, hints[key])
         if isinstance(val, list):
             val = tuple(val)
         kwargs[key] = val
@@ -383,13 +392,15 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
 
     def collect(h: Any) -> None:
         origin = get_origin(h)
-        if origin is Union:
+        if origin is Union or origin is types.UnionType:
             for a in get_args(h):
                 collect(a)
         elif origin is Literal:
             allowed.extend(type(a) for a in get_args(h))
         elif origin in (tuple, list):
             allowed.extend((list, tuple))
+            if get_args(h) and get_args(h)[0] is str:
+                allowed.append(str)  # one pattern may be written without a list
         elif h is type(None):
             allowed.append(type(None))
         elif h is float:
@@ -507,3 +518,44 @@ def spec_reference() -> str:
                          f"{f.metadata.get('help', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def spec_to_toml(spec: Spec, comment: str = "") -> str:
+    """The spec as TOML that :func:`load_spec` reads back into an equal spec (defaults left out)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+
+    def table(obj: Any, skip: tuple[str, ...] = ()) -> list[str]:
+        lines = []
+        for f in dataclasses.fields(obj):
+            if f.name in skip:
+                continue
+            v = getattr(obj, f.name)
+            quiet = {"exclude": (), "optional": False, "share_a": False, "description": "", "top_k": 2,
+                     "hidden_multiplier": 4, "bias": False, "init_gain": 1e-4, "activation": "silu"}
+            if v is None or dataclasses.is_dataclass(v) or (f.name in quiet and v == quiet[f.name]
+                                                           and not (f.name == "top_k" and spec.router.select == "topk")
+                                                           and not (f.name == "hidden_multiplier" and spec.router.form == "swiglu")):
+                continue
+            if f.name == "value" and obj.learned:
+                continue
+            if isinstance(v, tuple) and f.name == "layers":
+                v = list(v)
+            lines.append(f"{f.name} = {value(v)}")
+        return lines
+
+    out = [f"# {line}".rstrip() for line in comment.strip().splitlines()] if comment else []
+    out += table(spec, skip=("experts", "router"))
+    out += ["", "[router]", *table(spec.router, skip=("threshold",))]
+    if spec.router.select == "threshold":
+        out += ["", "[router.threshold]", *table(spec.router.threshold)]
+    for e in spec.experts:
+        out += ["", "[[expert]]", *table(e)]
+    return "\n".join(out) + "\n"

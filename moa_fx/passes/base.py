@@ -73,11 +73,17 @@ class PassContext:
     extra_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, node name)
     lowering: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> chosen form and reason
 
+    _names: dict[str, fx.Node] = field(default_factory=dict, repr=False)
+
     def node(self, name: str) -> fx.Node:
-        for n in self.gm.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
+        """The graph node called ``name`` (nodes are looked up by name: passes store names, not nodes)."""
+        found = self._names.get(name)
+        if found is None or found.graph is not self.gm.graph or found.name != name:
+            self._names = {n.name: n for n in self.gm.graph.nodes}
+            found = self._names.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def install(self, target: str, module) -> str:
         """Put ``module`` under the GraphModule's adapter root and return its call target."""

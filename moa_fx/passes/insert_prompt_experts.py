@@ -31,7 +31,7 @@ def insert_prompt_experts(ctx: PassContext) -> None:
         q = ctx.node(site.query)
         val = sdpa.meta.get("val")
         module = PromptDelta(rule.length, site.hidden, site.q_heads, site.kv_heads, site.head_dim,
-                             site.k_offset, site.v_offset, device=val.device if val is not None else None,
+                             site.k_offset, site.v_offset, site.transposed, device=val.device if val is not None else None,
                              dtype=val.dtype if val is not None else None)
         target = ctx.install(f"{site.path}.{rule.name}.0", module)
         added = []

@@ -84,6 +84,7 @@ def insert_routers(ctx: PassContext) -> None:
     for key, slots in by_router.items():
         if key:
             ctx.routers[key] = _insert_router(ctx, key, slots)
+    order = {n: i for i, n in enumerate(ctx.gm.graph.nodes)}
     by_anchor: dict[str, list] = {}
     for slot in ctx.slots:
         by_anchor.setdefault(slot.anchor, []).append(slot)
@@ -98,17 +99,10 @@ def insert_routers(ctx: PassContext) -> None:
         else:
             w, cols = None, list(range(len(slots)))
         fn = routing.mix_heads if slots[0].layout == "heads" else routing.mix
-        last = max(deltas, key=lambda n: _position(ctx, n))
+        last = max(deltas, key=order.__getitem__)
         with ctx.gm.graph.inserting_after(last):
             mixed = new_node(ctx, "call_function", fn, (y, w, deltas, cols), anchor=y, pass_name=PASS,
                              site=slots[0].site, role="combine", val=shaped_like(y))
         y.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
         ctx.records.append(PassRecord(PASS, slots[0].site, [mixed.name],
                                       "combine " + ", ".join(s.expert_id for s in slots)))
-
-
-def _position(ctx: PassContext, node) -> int:
-    for i, n in enumerate(ctx.gm.graph.nodes):
-        if n is node:
-            return i
-    return -1
