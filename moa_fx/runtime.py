@@ -29,7 +29,7 @@ from torch import nn
 from .capture import Captured, capture
 from .errors import AdapterLoadError, InputError, MoaFxError
 from .graph import ADAPTER_ROOT
-from .passes import PassContext, run_pipeline
+from .passes import PassContext, pipeline, run_pipeline
 from .sites import find_sites
 from .spec import LoraExpert, Spec, load_spec, spec_from_dict, spec_to_dict
 
@@ -52,13 +52,15 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
-              dynamic: bool = True, until: str | None = None) -> "MoAModel":
+              dynamic: bool = True, lower: str = "auto", until: str | None = None) -> "MoAModel":
     """Capture ``model``, insert the experts and routers that ``spec`` describes, return a MoAModel.
 
     ``spec`` is a :class:`Spec`, a preset name (``"adamole"``), a ``.toml``/``.json`` path or a dict.
     The base weights are shared with ``model`` (not copied) and frozen. ``until`` stops after the
     named pass (for inspection). ``dynamic=False`` captures with the example shapes only (much
-    faster for big architectures on the meta device, where only inspection is wanted).
+    faster for big architectures on the meta device, where only inspection is wanted). ``lower``
+    picks how LoRA mixtures run: ``"auto"`` (a cost model picks the fused dense-masked or grouped op
+    per site), ``"dense"``, ``"grouped"``, or ``"off"`` (one graph node per expert, weighted sum).
 
     >>> model = transform(hf_model, "adamole")            # doctest: +SKIP
     >>> model(input_ids=ids, labels=ids).loss.backward()  # doctest: +SKIP
@@ -66,7 +68,7 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
     spec = load_spec(spec)
     captured = capture(model, example_inputs, dynamic=dynamic)
     plan = find_sites(captured.gm, spec)
-    ctx = run_pipeline(PassContext(captured.gm, spec, plan), until=until)
+    ctx = run_pipeline(PassContext(captured.gm, spec, plan), pipeline(lower), until=until)
     return MoAModel(captured, spec, ctx)
 
 

@@ -264,7 +264,8 @@ class RouterSpec:
     form: Literal["linear", "swiglu"] = field(default="linear", metadata=_help(
         "router network: linear d→E, or SwiGLU with hidden E·hidden_multiplier"))
     hidden_multiplier: int = field(default=4, metadata=_help("SwiGLU router hidden size is E times this"))
-    bias: bool = field(default=False, metadata=_help("give the linear router a bias"))
+    bias: bool | None = field(default=None, metadata=_help(
+        "give the linear router a bias; default: true for block routers (MoA's native linear router), false per site"))
     gate: Literal["softmax", "sigmoid"] = field(default="softmax", metadata=_help(
         "gate function on the router logits (softmax is computed in fp32)"))
     select: Literal["dense", "topk", "threshold"] = field(default="dense", metadata=_help(
@@ -291,6 +292,8 @@ class RouterSpec:
         if not isinstance(self.threshold, ThresholdSpec):
             raise _fail("router.threshold", self.threshold, "give a table such as {learned = true}")
         _non_negative_float("router.aux_loss_coef", self.aux_loss_coef)
+        if self.bias is not None and not isinstance(self.bias, bool):
+            raise _fail("router.bias", self.bias, "it must be true, false or left out")
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
             raise _fail("router.renormalize", self.renormalize, "it must be true, false or left out")
         if self.scope == "none" and self.select != "dense":
@@ -301,6 +304,10 @@ class RouterSpec:
     def kind(self) -> str:
         """'none', 'site' or 'block'."""
         return self.scope if self.scope in ("none", "site") else "block"
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias if self.bias is not None else self.kind == "block"
 
     @property
     def renormalizes(self) -> bool:
@@ -539,7 +546,7 @@ def spec_to_toml(spec: Spec, comment: str = "") -> str:
                 continue
             v = getattr(obj, f.name)
             quiet = {"exclude": (), "optional": False, "share_a": False, "description": "", "top_k": 2,
-                     "hidden_multiplier": 4, "bias": False, "init_gain": 1e-4, "activation": "silu"}
+                     "hidden_multiplier": 4, "init_gain": 1e-4, "activation": "silu"}
             if v is None or dataclasses.is_dataclass(v) or (f.name in quiet and v == quiet[f.name]
                                                            and not (f.name == "top_k" and spec.router.select == "topk")
                                                            and not (f.name == "hidden_multiplier" and spec.router.form == "swiglu")):

@@ -39,8 +39,10 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gemma": ("GemmaConfig", {"head_dim": 16}),
     "tiny-phi3": ("Phi3Config", {"pad_token_id": 0}),
     "tiny-gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
+    # initializer_range 0.2: with HF's 0.02 a frozen random base gives logits too flat for adapters
+    # to fit any task (the loss floors near ln(vocab)); a wider init leaves them room to learn
     "small-llama": ("LlamaConfig", {"vocab_size": 32, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
-                                    "num_attention_heads": 4, "num_key_value_heads": 2}),
+                                    "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}),
 }
 
 MODEL_HELP = ("a built-in architecture (" + ", ".join(TINY) + "; random weights from a fixed seed), "

@@ -76,7 +76,7 @@ def _router_params(spec: Spec, plan) -> dict[str, Any]:
     params = tau = 0
     learned = router.select == "threshold" and router.threshold.learned
     for key, e in experts.items():
-        params += _numel(Router(dims[key], e, router.form, router.bias, router.hidden_multiplier, device=META))
+        params += _numel(Router(dims[key], e, router.form, router.has_bias, router.hidden_multiplier, device=META))
         if learned:
             tau += _numel(Threshold(dims[key], 0.5, device=META))
     return {"count": len(experts), "scope": router.scope, "form": router.form,

@@ -16,8 +16,9 @@ from .insert_lora_experts import insert_lora_experts
 from .insert_parallel_adapters import insert_parallel_adapters
 from .insert_prompt_experts import insert_prompt_experts
 from .insert_routers import insert_routers
+from .lower_sparse_dispatch import lower_sparse_dispatch
 
-__all__ = ["DEFAULT_PIPELINE", "PASSES", "run_pipeline", "PassContext", "PassRecord"]
+__all__ = ["DEFAULT_PIPELINE", "PASSES", "LOWER_CHOICES", "pipeline", "run_pipeline", "PassContext", "PassRecord"]
 
 Pass = Callable[[PassContext], None]
 
@@ -26,10 +27,28 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     insert_parallel_adapters,  # same, at span outputs (e.g. each MLP)
     insert_prompt_experts,  # same, at SDPA outputs (before o_proj)
     insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
+    lower_sparse_dispatch,  # needs: LoRA-only combines; replaces Δ nodes + combine by one fused op
     cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
 )
 
 PASSES: dict[str, Pass] = {p.__name__: p for p in DEFAULT_PIPELINE}
+LOWER_CHOICES = ("auto", "dense", "grouped", "off")
+
+
+def pipeline(lower: str = "auto") -> tuple[Pass, ...]:
+    """The default pipeline with the lowering form fixed (``"off"`` leaves the dense-masked graph)."""
+    if lower not in LOWER_CHOICES:
+        raise PassError(f"lower = {lower!r} is not valid; choose one of {', '.join(map(repr, LOWER_CHOICES))}")
+    if lower == "off":
+        return tuple(p for p in DEFAULT_PIPELINE if p is not lower_sparse_dispatch)
+    if lower == "auto":
+        return DEFAULT_PIPELINE
+
+    def lower_sparse_dispatch_forced(ctx: PassContext) -> None:
+        lower_sparse_dispatch(ctx, form=lower)
+
+    lower_sparse_dispatch_forced.__name__ = "lower_sparse_dispatch"
+    return tuple(lower_sparse_dispatch_forced if p is lower_sparse_dispatch else p for p in DEFAULT_PIPELINE)
 
 
 def run_pipeline(ctx: PassContext, passes: Sequence[Pass] = DEFAULT_PIPELINE, *, until: str | None = None) -> PassContext:

@@ -35,14 +35,16 @@ def _router_input(ctx: PassContext, key: str, slots) -> str:
 
 def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
     spec = ctx.spec.router
-    ids = list(dict.fromkeys(s.expert_id for s in slots))
+    # columns in graph order of the anchors: q, k, v, prompt, o, (gate, up), down, PA, as METHODS.md
+    order = {n.name: i for i, n in enumerate(ctx.gm.graph.nodes)}
+    ids = list(dict.fromkeys(s.expert_id for s in sorted(slots, key=lambda s: order[s.anchor])))
     h = ctx.node(_router_input(ctx, key, slots))
     val = h.meta.get("val")
     device = val.device if val is not None else None
     dtype = val.dtype if val is not None else None
     dim = int(val.shape[-1])
     num = len(ids)
-    router = Router(dim, num, spec.form, spec.bias, spec.hidden_multiplier, device=device, dtype=dtype)
+    router = Router(dim, num, spec.form, spec.has_bias, spec.hidden_multiplier, device=device, dtype=dtype)
     added = []
     with ctx.gm.graph.inserting_before(h.next):
         def make(op, target, args, role, val):

@@ -228,16 +228,16 @@ def test_presets_match_methods():
     (e,) = a.experts
     assert (e.r, e.alpha, e.count, e.dropout) == (4, 16, 8, 0.05)
     assert a.router.threshold.learned and a.router.threshold.rule == "adamole"
-    assert a.router.threshold.max in (None, 1 / 8) and not a.router.bias and a.router.aux_loss_coef == 1e-3
+    assert a.router.threshold.max in (None, 1 / 8) and not a.router.has_bias and a.router.aux_loss_coef == 1e-3
     t = preset("mole_topk")
     (e,) = t.experts
-    assert (e.r, e.alpha, e.count, t.router.top_k, t.router.bias, t.router.aux_loss_coef) == (8, 8, 8, 2, True, 1e-3)
+    assert (e.r, e.alpha, e.count, t.router.top_k, t.router.has_bias, t.router.aux_loss_coef) == (8, 8, 8, 2, True, 1e-3)
     h = preset("hydralora")
     (e,) = h.experts
-    assert (e.r, e.alpha, e.count, e.dropout, e.share_a, h.router.bias) == (4, 32, 4, 0.05, True, False)
+    assert (e.r, e.alpha, e.count, e.dropout, e.share_a, h.router.has_bias) == (4, 32, 4, 0.05, True, False)
     s = preset("moe_lora_soft")
     (e,) = s.experts
-    assert (e.r, e.alpha, e.count, s.router.bias, s.router.aux_loss_coef, s.router.select) == (8, 8, 8, False, 0, "dense")
+    assert (e.r, e.alpha, e.count, s.router.has_bias, s.router.aux_loss_coef, s.router.select) == (8, 8, 8, False, 0, "dense")
 
 
 @pytest.mark.parametrize("name", ["adamole", "hydralora"])
