@@ -47,6 +47,7 @@ __all__ = [
     "linear_sites",
     "span_site",
     "attention_site",
+    "attention_problem",
     "block_scope",
     "match_rank",
 ]
@@ -225,6 +226,9 @@ def _shape(node: fx.Node) -> tuple:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
+_TRANSPOSES = (aten.t.default, aten.transpose.int, aten.numpy_T.default)
+
+
 def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     """Every projection against a module weight, in graph order."""
     sites = []
@@ -241,9 +245,9 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             d_in, d_out = _param_shape(gm, w)
             site = (node.args[1], w, d_in, d_out, "addmm")
         elif node.target in (aten.matmul.default, aten.mm.default) and isinstance(node.args[1], fx.Node) \
-                and node.args[1].op == "call_function" and node.args[1].target in (aten.t.default, aten.transpose.int) \
+                and node.args[1].op == "call_function" and node.args[1].target in _TRANSPOSES \
                 and _param_name(node.args[1].args[0]):
-            w = _param_name(node.args[1].args[0])  # x @ W.T (Falcon)
+            w = _param_name(node.args[1].args[0])  # x @ W.T (Falcon's FalconLinear: numpy_T)
             d_out, d_in = _param_shape(gm, w)
             site = (node.args[0], w, d_in, d_out, "matmul")
         if site is None:
@@ -318,26 +322,43 @@ def block_scope(gm: fx.GraphModule, path: str) -> BlockScope | None:
 
 
 def attention_site(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> AttentionSite | None:
-    """The SDPA node inside module ``path`` and the frozen k/v projections feeding it."""
+    """The SDPA node inside module ``path`` and the frozen k/v projections feeding it
+    (None when there is none; :func:`attention_problem` says why)."""
+    site = _attention(gm, path, linears)
+    return site if isinstance(site, AttentionSite) else None
+
+
+def attention_problem(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> str | None:
+    """Why module ``path`` cannot take a prompt expert, in words (None when it can)."""
+    site = _attention(gm, path, linears)
+    return None if isinstance(site, AttentionSite) else site
+
+
+def _attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> AttentionSite | str:
     sdpa = [n for n in _span_nodes(gm, path) if n.target == aten.scaled_dot_product_attention.default]
-    if len(sdpa) != 1:
-        return None
+    if not sdpa:
+        return ("no scaled_dot_product_attention op (eager attention computes softmax(QKᵀ)V by hand; load the "
+                "model with attn_implementation='sdpa' where the architecture supports it)")
+    if len(sdpa) > 1:
+        return f"{len(sdpa)} scaled_dot_product_attention ops, not one"
     node = sdpa[0]
     q, k, v = node.args[:3]
+    head_dim = int(_shape(q)[-1])
     by_node = {s.node: s for s in linears if s.path.startswith(path + ".") or s.path == path}
-    k_lin, k_off = _trace_to_linear(k, by_node)
-    v_lin, v_off = _trace_to_linear(v, by_node)
+    k_lin, k_off, k_why = _trace_to_linear(k, by_node, head_dim)
+    v_lin, v_off, v_why = _trace_to_linear(v, by_node, head_dim)
     if k_lin is None or v_lin is None:
-        return None
+        return f"its {'key' if k_lin is None else 'value'} does not come from a projection of its own: " + \
+            (k_why if k_lin is None else v_why)
     qs = _shape(q)
-    head_dim = int(qs[-1])
     q_heads = int(qs[1])
     if k_lin.node == v_lin.node:  # fused qkv: d_out = (H_q + 2·H_kv)·hd
         kv_heads = (k_lin.d_out // head_dim - q_heads) // 2
     else:
         kv_heads = k_lin.d_out // head_dim
-    if kv_heads <= 0 or q_heads % kv_heads:
-        return None
+    if kv_heads <= 0 or q_heads % kv_heads or max(k_off, v_off) + kv_heads * head_dim > k_lin.d_out:
+        return (f"its key/value projection {k_lin.path} (d_out {k_lin.d_out}) does not split into {q_heads} query "
+                f"heads and a whole number of key/value heads of size {head_dim}")
     scale = node.kwargs.get("scale")
     return AttentionSite(path=path, node=node.name, query=q.name, q_heads=q_heads, kv_heads=kv_heads,
                          head_dim=head_dim, k_weight=k_lin.weight, v_weight=v_lin.weight,
@@ -360,39 +381,76 @@ _PASS_THROUGH = {
     aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.contiguous.default,
     aten.clone.default, aten.expand.default, aten.unsqueeze.default, aten._unsafe_view.default, aten.mul.Tensor,
     aten.add.Tensor, aten.cat.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
-    aten.squeeze.dim, aten.flatten.using_ints,
+    aten.squeeze.dim, aten.flatten.using_ints, aten.type_as.default, aten.neg.default,
 }
+_SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
 
 
-def _trace_to_linear(node: Any, by_node: dict[str, LinearSite]) -> tuple[LinearSite | None, int]:
+def _feature_slice(src: fx.Node, dim: int, start: int, head_dim: int) -> tuple[str, int]:
+    """How a slice of ``src`` at ``start`` along ``dim`` moves the key/value's row offset in its projection:
+    ("offset", start) on a flat feature dim (a fused qkv output split into [q | k | v]), ("keep", 0) within
+    one head (partial RoPE) or a no-op, ("bad", 0) for a layout one offset cannot describe."""
+    shape = _shape(src)
+    if not shape:
+        return "bad", 0
+    d = dim % len(shape)
+    if d != len(shape) - 1:
+        return ("keep", 0) if start == 0 else ("bad", 0)  # a slice from 0 of batch/sequence/heads
+    if shape[-1] <= head_dim:
+        return "keep", 0  # within one head: RoPE's rotated and pass-through halves
+    if len(shape) <= 3:
+        return "offset", start
+    return "bad", 0  # heads already split off: per-head interleaved [q_h | k_h | v_h] (GPT-NeoX)
+
+
+def _trace_to_linear(node: Any, by_node: dict[str, LinearSite], head_dim: int) -> tuple[LinearSite | None, int, str]:
     """Walk up from an SDPA key/value input to the projection producing it (through reshapes, RoPE,
-    GQA repeats and the split of a fused qkv projection); return it and the feature offset."""
+    norms, GQA repeats and the split of a fused qkv projection); return it, the row offset of the
+    key/value block inside its weight, and, when none is found, why."""
+    import operator
+
     frontier = [(node, 0)]
     seen = set()
+    why = "no projection found upstream (it is computed by an op moa-fx does not follow)"
     while frontier:
         n, offset = frontier.pop(0)
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
         if n.name in by_node:
-            return by_node[n.name], offset
+            return by_node[n.name], offset, ""
         if n.op != "call_function":
             continue
         if n.target == aten.slice.Tensor and len(n.args) >= 3:
-            frontier.append((n.args[0], offset + int(n.args[2] or 0)))
-        elif n.target is __import__("operator").getitem and isinstance(n.args[0], fx.Node) and \
-                n.args[0].target in (aten.split_with_sizes.default, aten.split.Tensor):
+            how, delta = _feature_slice(n.args[0], int(n.args[1]), int(n.args[2] or 0), head_dim)
+        elif n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].target in _SPLITS:
             split = n.args[0]
             idx = int(n.args[1])
+            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
             sizes = split.args[1]
+            if split.target == aten.chunk.default:  # chunk(x, n): pieces of ceil(size / n)
+                sizes = -(-int(_shape(split.args[0])[int(dim)]) // int(sizes))
             if isinstance(sizes, int):
                 sizes = [sizes] * (idx + 1)
-            frontier.append((split.args[0], offset + int(sum(sizes[:idx]))))
+            how, delta = _feature_slice(split.args[0], int(dim), int(sum(sizes[:idx])), head_dim)
+            n = split
         elif n.target in _PASS_THROUGH:
             for a in n.all_input_nodes:
                 if a.op != "get_attr":
                     frontier.append((a, offset))
-    return None, 0
+            continue
+        elif n.target in (aten.index.Tensor, aten.select.int):
+            why = (f"it is indexed out of a fused qkv tensor ({n.name}, as Falcon's multi-query attention does); "
+                   "prompt experts need the key and value rows of the projection as contiguous blocks")
+            continue
+        else:
+            continue
+        if how == "bad":
+            why = (f"it is sliced out of a head-split fused qkv tensor ({n.name}); prompt experts need the key and "
+                   "value rows of the projection as contiguous blocks ([q | k | v], as Phi-3 and GPT-2 lay them out)")
+            continue
+        frontier.append((n.args[0], offset + (delta if how == "offset" else 0)))
+    return None, 0, why
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,9 +492,11 @@ def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
             if _excluded(rule, path) or not _layer_ok(rule, spec, path):
                 continue
             if site is None:
-                what = "a single input and output tensor" if isinstance(rule, ParallelAdapterExpert) else \
-                    "a scaled_dot_product_attention op fed by its own k/v projections"
-                raise SiteMatchError(f"expert '{rule.name}': module '{path}' matched '{pat}' but has no {what}; "
+                if isinstance(rule, ParallelAdapterExpert):
+                    what = "has no single input and output tensor of the same shape"
+                else:
+                    what = "cannot take a prompt expert: " + (attention_problem(gm, path, linears) or "")
+                raise SiteMatchError(f"expert '{rule.name}': module '{path}' matched '{pat}' but {what}; "
                                      f"point the pattern at another module or add it to exclude")
             key = (rule.kind, site.node if hasattr(site, "node") else site.output)
             sites[key] = site
@@ -497,7 +557,8 @@ def _block_of(scope: str, path: str) -> str | None:
 
 
 def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite]) -> SiteMatchError:
-    pool = [s.path for s in linears] if isinstance(rule, LoraExpert) else all_paths
+    pool = [s.path for s in linears] if isinstance(rule, LoraExpert) else \
+        [p for p in all_paths if p and not any(part.startswith("_") for part in p.split("."))]  # export's hooks
     # compare the last components first: '*.qproj' should find 'model.layers.0.self_attn.q_proj'
     tails = sorted({p.rsplit(".", 1)[-1] for p in pool})
     hints: list[str] = []
@@ -509,6 +570,9 @@ def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite])
     near = ", ".join(dict.fromkeys(hints)) or ", ".join(f"'{p}'" for p in difflib.get_close_matches(
         rule.patterns[0], pool, n=3, cutoff=0.3))
     kind = "linear projection" if isinstance(rule, LoraExpert) else "module"
-    return SiteMatchError(f"expert '{rule.name}': pattern {list(rule.patterns)} matched no {kind}; "
-                          f"did you mean {near or 'one of the listed paths'}? (e.g. '{example}'; "
-                          f"{len(pool)} candidates; set optional = true to allow no match)")
+    roles = [p for p in rule.patterns if p.startswith("@")]
+    why = "".join(f"; {r} stands for {', '.join(repr(g) for g in ROLES[r[1:]])} and this model has none of them"
+                  for r in roles if r[1:] in ROLES)
+    guess = f"did you mean {near}? (e.g. '{example}'; " if near else f"candidates include '{example}' ("
+    return SiteMatchError(f"expert '{rule.name}': pattern {list(rule.patterns)} matched no {kind}{why}; "
+                          f"{guess}{len(pool)} candidates; set optional = true to allow no match)")

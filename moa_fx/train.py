@@ -54,7 +54,7 @@ class TrainConfig:
     model: str = "small-llama"
     spec: str = "sparse_moa"
     data: str | None = None
-    steps: int = 800
+    steps: int = 300
     batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 20
