@@ -167,7 +167,8 @@ def test_bad_inputs(llama):
         moa.merge_adapters()
 
 
-def test_compile_fullgraph_matches_eager_without_recompiling():
+@pytest.mark.parametrize("lower", ["off", "grouped"])
+def test_compile_fullgraph_matches_eager_without_recompiling(lower):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -179,7 +180,7 @@ def test_compile_fullgraph_matches_eager_without_recompiling():
     spec = Spec(experts=(LoraExpert(at=("@q", "@v"), r=4, count=4),),
                 router=RouterSpec(scope="site", select="threshold", threshold=ThresholdSpec(learned=True),
                                   aux_loss_coef=1e-2))
-    moa = transform(model, spec)
+    moa = transform(model, spec, lower=lower)
     randomize_adapters(moa, std=0.5)
     compiled = torch.compile(moa, fullgraph=True, dynamic=True)
     counters = torch._dynamo.utils.counters

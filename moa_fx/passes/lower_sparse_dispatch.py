@@ -65,12 +65,18 @@ def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not routing.mix:
             continue
-        y, w, deltas, cols = node.args
+        y, w, all_deltas, all_cols = node.args
         site = node.meta.get("moa_fx.provenance", [{}])[-1].get("site", node.name)
-        modules = [ctx.gm.get_submodule(d.target) if d.op == "call_module" else None for d in deltas]
+        # the LoRA experts are lowered; other experts at the same anchor (a parallel adapter whose
+        # span ends at down_proj) stay in a plain combine after the fused op
+        lora = [(d, c) for d, c in zip(all_deltas, all_cols) if d.op == "call_module"
+                and isinstance(ctx.gm.get_submodule(d.target), (LoraDelta, SharedALoraDelta))]
+        rest = [(d, c) for d, c in zip(all_deltas, all_cols) if (d, c) not in lora]
+        deltas, cols = [d for d, _ in lora], [c for _, c in lora]
+        modules = [ctx.gm.get_submodule(d.target) for d in deltas]
         why = None
-        if not all(isinstance(m, (LoraDelta, SharedALoraDelta)) for m in modules):
-            why = "not only LoRA experts"
+        if not deltas:
+            why = "no LoRA experts"
         elif len({d.args[0] for d in deltas}) != 1:
             why = "experts read different inputs"
         elif any(not isinstance(m.dropout, torch.nn.Identity) for m in modules):
@@ -108,7 +114,14 @@ def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
                                pass_name=PASS, site=site, role=f"fused {chosen} LoRA mixture", val=y.meta.get("val"))
         lowered.meta[LOWERING_KEY] = {"form": chosen, "reason": reason}
         added.append(lowered.name)
-        node.replace_all_uses_with(lowered)
+        result = lowered
+        if rest:
+            with graph.inserting_after(lowered):
+                result = new_node(ctx, "call_function", routing.mix,
+                                  (lowered, w, [d for d, _ in rest], [c for _, c in rest]), anchor=y,
+                                  pass_name=PASS, site=site, role="combine (other experts)", val=y.meta.get("val"))
+            added.append(result.name)
+        node.replace_all_uses_with(result)
         graph.erase_node(node)
         for d in deltas:
             if not d.users:
