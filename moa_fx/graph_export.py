@@ -115,6 +115,7 @@ def export_graph(gm: fx.GraphModule, **info: Any) -> dict[str, Any]:
             "shape": shape,
             "dtype": dtype,
             "provenance": [dict(p) for p in prov],
+            **({"lowering": dict(node.meta["moa_fx.lowering"])} if "moa_fx.lowering" in node.meta else {}),
         })
     return {"format": FORMAT, **info, "nodes": nodes}
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import pathlib
 
+from ..passes import LOWER_CHOICES
 from ..errors import MoaFxError
 from ..graph_export import FORMAT, diff_graphs, export_graph
 from .models import MODEL_HELP, build
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"MODEL (with --spec) or two JSON dumps; MODEL is {MODEL_HELP}")
     p.add_argument("--spec", action="append", default=[], help="one spec: before vs after it; twice: A vs B")
     p.add_argument("--after", metavar="PASS", help="stop the rewrite after this pass")
+    p.add_argument("--lower", choices=LOWER_CHOICES, default="auto",
+                   help="lowering of LoRA mixtures in the rewritten graph (default: auto)")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when the graphs differ, 0 when equal")
     p.add_argument("--json", action="store_true", help="print the diff as JSON")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None,
@@ -69,16 +72,16 @@ def diff_data(args: argparse.Namespace) -> tuple[dict, str, str]:
         built = build(model, dynamic=args.dynamic)
         before = export_graph(built.gm)
         # rewrite the same captured graph: two captures could differ in symbol names
-        from ..passes import PassContext, run_pipeline
+        from ..passes import PassContext, pipeline, run_pipeline
         from ..sites import find_sites
         from ..spec import load_spec
 
         spec = load_spec(args.spec[0])
-        run_pipeline(PassContext(built.gm, spec, find_sites(built.gm, spec)), until=args.after)
+        run_pipeline(PassContext(built.gm, spec, find_sites(built.gm, spec)), pipeline(args.lower), until=args.after)
         return diff_graphs(before, export_graph(built.gm)), model, f"{model} + {spec.name}"
     if len(args.spec) == 2:
-        a = build(model, args.spec[0], until=args.after, dynamic=args.dynamic)
-        b = build(model, args.spec[1], until=args.after, dynamic=args.dynamic)
+        a = build(model, args.spec[0], until=args.after, dynamic=args.dynamic, lower=args.lower)
+        b = build(model, args.spec[1], until=args.after, dynamic=args.dynamic, lower=args.lower)
         return (diff_graphs(export_graph(a.gm), export_graph(b.gm)), f"{model} + {a.spec.name}",
                 f"{model} + {b.spec.name}")
     raise MoaFxError("diff MODEL needs --spec S (before vs after S) or --spec A --spec B (A vs B)")

@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import subprocess
 
+from ..passes import LOWER_CHOICES
 from ..errors import MoaFxError
 from ..graph_export import export_graph, filter_nodes, to_dot, to_networkx
 from .models import MODEL_HELP, build, describe_model
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--spec", help="a preset name or a .toml/.json spec; without it, the graph as captured")
     p.add_argument("--after", metavar="PASS", help="stop after this pass (see moa_fx.passes.DEFAULT_PIPELINE)")
+    p.add_argument("--lower", choices=LOWER_CHOICES, default="auto",
+                   help="lowering of LoRA mixtures in the rewritten graph (default: auto)")
     p.add_argument("--view", choices=VIEWS, default="tree", help="what to print (default: tree)")
     p.add_argument("--module", metavar="GLOB", help="only nodes traced in modules matching GLOB (or under them)")
     p.add_argument("--op", metavar="NAME", help="only nodes of this op (linear, aten.linear, route, ...)")
@@ -44,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def dump_data(args: argparse.Namespace) -> tuple[dict, object]:
     """The export of the requested graph (filtered) and the GraphModule."""
-    built = build(args.model, args.spec, until=args.after, dynamic=args.dynamic)
+    built = build(args.model, args.spec, until=args.after, dynamic=args.dynamic, lower=args.lower)
     info = {"model": args.model, "spec": built.spec.name if built.spec else None, "after": args.after,
             "description": describe_model(built.model, built.how)}
     export = export_graph(built.gm, **info)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..passes import LOWER_CHOICES
 from ..errors import SiteMatchError
 from ..modules import LoraDelta, ParallelAdapter, PromptDelta, Router, SharedALoraDelta, Threshold
 from ..sites import find_sites
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--spec", required=True, help="a preset name or a .toml/.json spec")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--lower", choices=LOWER_CHOICES, default="auto",
+                   help="how LoRA mixtures will run: fused op chosen by the cost model (auto), dense, grouped, or off")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None,
                    help="capture with dynamic batch/sequence (default: on, off for meta-device configs)")
 
@@ -94,7 +97,7 @@ def _alone(gm, spec: Spec, rule):
         return None, str(err)
 
 
-def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None) -> dict[str, Any]:
+def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None, lower: str = "auto") -> dict[str, Any]:
     """The dry-run report as plain data (what ``--json`` prints)."""
     spec = load_spec(spec_ref)
     built = build(model_ref, dynamic=dynamic)
@@ -132,22 +135,38 @@ def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None) -> 
          "parameters": 0, "threshold_parameters": 0}
     if routers["parameters"]:
         by_kind["router"] = routers["parameters"]
+    lowering: dict[str, Any] = {}
+    if plan is not None and lower != "off":
+        from ..passes.lower_sparse_dispatch import plan_lowering
+
+        per_site = plan_lowering(gm, plan, spec, lower)
+        counts: dict[str, int] = {}
+        reasons: dict[str, str] = {}
+        for info in per_site.values():
+            counts[info["form"]] = counts.get(info["form"], 0) + 1
+            reasons.setdefault(info["form"], info["reason"])
+        lowering = {"mode": lower, "counts": counts, "example_reason": reasons, "sites": per_site}
     trainable += routers["parameters"]
     return {
         "model": model_ref, "description": describe_model(built.model, built.how), "spec": spec.name,
         "ok": plan is not None, "error": error, "rules": rules, "routers": routers,
-        "parameters_by_kind": by_kind, "trainable": trainable, "base": base,
+        "parameters_by_kind": by_kind, "trainable": trainable, "base": base, "lowering": lowering,
         "trainable_percent": 100.0 * trainable / max(base + trainable, 1),
     }
 
 
 def run(args: argparse.Namespace, console) -> int:
-    report = sites_report(args.model, args.spec, args.dynamic)
+    report = sites_report(args.model, args.spec, args.dynamic, args.lower)
     if args.json:
         console.file.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
     else:
         console.print(report["description"])
         render_sites(console, report)
+        low = report["lowering"]
+        if low:
+            for form, n in sorted(low["counts"].items()):
+                console.print(f"lowering ({low['mode']}): {n} LoRA sites {form} — {low['example_reason'][form]}",
+                              soft_wrap=True)
         if report["error"] and all(r["status"] == "matched" for r in report["rules"]):
             console.print(f"[red]error[/red]: {report['error']}", soft_wrap=True)
     return 0 if report["ok"] else 2

@@ -22,9 +22,11 @@ import torch
 from .. import routing
 from ..kernels import choose_form, grouped_lora, lora_mixture
 from ..modules import LoraDelta, SharedALoraDelta
+from ..sites import SitePlan
+from ..spec import LoraExpert, Spec
 from .base import PassContext, PassRecord, new_node
 
-__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "NOMINAL_TOKENS", "LOWERING_KEY"]
+__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "plan_lowering", "decide", "NOMINAL_TOKENS", "LOWERING_KEY"]
 
 PASS = "lower_sparse_dispatch"
 LOWERING_KEY = "moa_fx.lowering"
@@ -50,13 +52,41 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
     return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
 
 
-def _expected_rate(ctx: PassContext, num_experts: int) -> float:
-    r = ctx.spec.router
+def _expected_rate(spec: Spec, num_experts: int) -> float:
+    r = spec.router
     if r.kind == "none" or r.select == "dense":
         return 1.0
     if r.select == "topk":
         return min(1.0, r.top_k / num_experts)
     return 0.5
+
+
+def decide(spec: Spec, ranks: list[int], dropout: float, dtype: torch.dtype, device: torch.device, d_in: int,
+           d_out: int, form: str = "auto") -> tuple[str, str]:
+    """(form, reason) for one LoRA site: "dense", "grouped", or "unlowered" with why."""
+    if dropout > 0:
+        return "unlowered", "per-expert input dropout (set dropout = 0 to lower)"
+    rate = _expected_rate(spec, len(ranks))
+    chosen = form
+    if form == "auto":
+        chosen = choose_form(ranks, NOMINAL_TOKENS, rate, dtype, device, d_in=d_in, d_out=d_out)
+    reason = (f"{'forced' if form != 'auto' else 'cost model'}: E={len(ranks)}, ranks={list(ranks)}, expected "
+              f"activation {rate:.2f} at {NOMINAL_TOKENS} tokens, {str(dtype).replace('torch.', '')}, {device.type}")
+    return chosen, reason
+
+
+def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[str, dict[str, str]]:
+    """What :func:`lower_sparse_dispatch` will do at every LoRA site of ``plan``, without rewriting
+    (what ``moa-fx sites`` prints)."""
+    out: dict[str, dict[str, str]] = {}
+    for p in plan.placements:
+        if not isinstance(p.rule, LoraExpert):
+            continue
+        weight = gm.get_parameter(p.site.weight)
+        chosen, reason = decide(spec, list(p.rule.ranks), p.rule.dropout, weight.dtype, weight.device,
+                                p.site.d_in, p.site.d_out, form)
+        out[p.site.path] = {"form": chosen, "reason": reason}
+    return out
 
 
 def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
@@ -91,13 +121,8 @@ def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
         val = y.meta.get("val")
         dtype = val.dtype if val is not None else torch.float32
         device = val.device if val is not None else torch.device("cpu")
-        rate = _expected_rate(ctx, len(ranks))
-        chosen = form
-        if form == "auto":
-            d_out, d_in = modules[0].lora_B.shape[0], modules[0].lora_A.shape[1]
-            chosen = choose_form(ranks, NOMINAL_TOKENS, rate, dtype, device, d_in=d_in, d_out=d_out)
-        reason = (f"{'forced' if form != 'auto' else 'cost model'}: E={len(ranks)}, ranks={ranks}, expected "
-                  f"activation {rate:.2f} at {NOMINAL_TOKENS} tokens, {str(dtype).replace('torch.', '')}, {device.type}")
+        chosen, reason = decide(ctx.spec, ranks, 0.0, dtype, device, modules[0].lora_A.shape[1],
+                                modules[0].lora_B.shape[0], form)
         added = []
         with graph.inserting_before(node):
             params = []

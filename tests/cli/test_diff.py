@@ -2,11 +2,18 @@ import json
 
 
 def test_spec_diff_groups_by_pass_and_site(cli):
-    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa")
+    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa", "--lower", "off")
     assert code == 0
     assert "+ insert_lora_experts  10 nodes at 10 sites" in out
     assert "+ model.layers.{0..1}.mlp ×2: 1 nodes (pa)" in out
     assert "summary: +36" in out
+
+
+def test_lowered_diff_shows_the_fused_ops(cli):
+    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa")
+    assert code == 0
+    assert "insert_lora_experts" not in out  # the per-expert nodes were replaced by the fused op
+    assert "+ lower_sparse_dispatch" in out and "lowered_lora_site" in out
 
 
 def test_exit_code_and_json(cli, cli_json, tmp_path):
@@ -20,8 +27,8 @@ def test_exit_code_and_json(cli, cli_json, tmp_path):
 
 def test_two_dumps(cli, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert cli("dump", "tiny-llama", "--spec", "lora", "--view", "json", "-o", str(a))[0] == 0
-    assert cli("dump", "tiny-llama", "--spec", "lora", "--view", "json", "-o", str(b))[0] == 0
+    assert cli("dump", "tiny-llama", "--spec", "lora", "--lower", "off", "--view", "json", "-o", str(a))[0] == 0
+    assert cli("dump", "tiny-llama", "--spec", "lora", "--lower", "off", "--view", "json", "-o", str(b))[0] == 0
     code, out, _ = cli("diff", str(a), str(b), "--exit-code")
     assert code == 0 and "graphs are equal" in out
     data = json.loads(b.read_text())

@@ -14,7 +14,7 @@ def test_tree_collapses_repeated_blocks(cli):
 
 
 def test_table_after_spec_filters_and_provenance(cli):
-    code, out, _ = cli("dump", "tiny-llama", "--spec", "sparse_moa", "--view", "table",
+    code, out, _ = cli("dump", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--view", "table",
                        "--module", "model.layers.0.self_attn.q_proj")
     assert code == 0
     assert "insert_lora_experts" in out and "insert_routers" in out
