@@ -84,6 +84,7 @@ class MoAModel(nn.Module):
         self.slots = ctx.slots
         self.routers = ctx.routers
         self.lowering = ctx.lowering
+        self._plan_placements = list(ctx.plan.placements)
         self.model_class = captured.model_class
         self._captured = captured
         self._input_names = captured.input_names
@@ -253,13 +254,59 @@ class MoAModel(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def adapter_config(self) -> dict[str, Any]:
-        return {
-            "peft_type": "MOA_FX",
-            "moa_fx_format": FORMAT_VERSION,
+        """The JSON written beside the weights. Plain LoRA uses PEFT's ``LoraConfig`` fields (PEFT can
+        load it); mixtures use ``peft_type = "MOA_FX"``. Both keep moa-fx's own record under "moa_fx"."""
+        own = {
+            "format": FORMAT_VERSION,
             "base_model_class": self.model_class,
             "spec": spec_to_dict(self.spec),
             "tensors": {k: list(v.shape) for k, v in self.adapter_state_dict().items()},
         }
+        if not self.is_plain_lora():
+            return {"peft_type": "MOA_FX", "moa_fx": own}
+        rules = {e.name: e for e in self.spec.experts}
+        sites = [s for s in self.slots]
+        first = self.spec.experts[0]
+        rank_pattern, alpha_pattern = {}, {}
+        for slot in sites:
+            rule = rules[slot.rule]
+            if rule.r != first.r:
+                rank_pattern[slot.site] = rule.r
+            if rule.alpha != first.alpha:
+                alpha_pattern[slot.site] = rule.alpha
+        conv1d = any(site.op == "addmm" for site in self._lora_sites())
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM" if self._captured.is_causal_lm else None,
+            "r": first.r,
+            "lora_alpha": first.alpha,
+            "lora_dropout": max(e.dropout for e in self.spec.experts),
+            "target_modules": sorted({s.site for s in sites}),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "bias": "none",
+            "fan_in_fan_out": conv1d,
+            "inference_mode": True,
+            "base_model_name_or_path": getattr(self.config, "_name_or_path", None) or None,
+            "moa_fx": own,
+        }
+
+    def is_plain_lora(self) -> bool:
+        """One LoRA expert per site, no router: what PEFT's LoRA can represent."""
+        return self.spec.router.kind == "none" and all(
+            isinstance(e, LoraExpert) and len(e.ranks) == 1 and not e.share_a for e in self.spec.experts)
+
+    def _lora_sites(self):
+        return [p.site for p in getattr(self, "_plan_placements", [])]
+
+    def _peft_names(self) -> dict[str, str]:
+        """Our adapter tensor names → PEFT's (``base_model.model.<path>.lora_A.weight``)."""
+        names = {}
+        for slot in self.slots:
+            prefix = slot.module[len(ADAPTER_ROOT) + 1:]
+            for part in ("lora_A", "lora_B"):
+                names[f"{prefix}.{part}"] = f"base_model.model.{slot.site}.{part}.weight"
+        return names
 
     def save_adapters(self, directory: str | os.PathLike) -> pathlib.Path:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` atomically into ``directory``."""
@@ -272,6 +319,9 @@ class MoAModel(nn.Module):
             raise MoaFxError(f"cannot create adapter directory '{directory}': {err.strerror}; "
                              "choose a writable path") from None
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        if self.is_plain_lora():
+            names = self._peft_names()
+            tensors = {names[k]: v for k, v in tensors.items()}
         _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         config = json.dumps(self.adapter_config(), indent=2, sort_keys=True)
         _atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
@@ -288,17 +338,25 @@ class MoAModel(nn.Module):
             config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
-        if not isinstance(config, dict) or config.get("peft_type") not in ("MOA_FX", "LORA") or "spec" not in config:
-            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'spec')")
-        saved_spec = spec_from_dict(config["spec"])
+        own = config.get("moa_fx") if isinstance(config, dict) else None
+        if not isinstance(own, dict) or "spec" not in own:
+            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'moa_fx.spec'); adapters made "
+                                   "by PEFT itself load with PEFT")
+        try:
+            saved_spec = spec_from_dict(own["spec"])
+        except MoaFxError as err:
+            raise AdapterLoadError(f"'{cfg_path}' holds an invalid spec: {err}") from None
         if spec_to_dict(saved_spec) != spec_to_dict(self.spec):
             diff = _first_difference(spec_to_dict(saved_spec), spec_to_dict(self.spec))
             raise AdapterLoadError(f"adapters in '{directory}' were saved for another spec ({diff}); "
                                    "transform the base model with the saved spec: MoAModel.from_adapters(model, dir)")
-        if config.get("base_model_class") != self.model_class:
-            raise AdapterLoadError(f"adapters in '{directory}' were saved for {config.get('base_model_class')}, "
+        if own.get("base_model_class") != self.model_class:
+            raise AdapterLoadError(f"adapters in '{directory}' were saved for {own.get('base_model_class')}, "
                                    f"not {self.model_class}")
         tensors = _read_safetensors(w_path)
+        if config.get("peft_type") == "LORA":
+            back = {v: k for k, v in self._peft_names().items()}
+            tensors = {back.get(k, k): v for k, v in tensors.items()}
         own = self.adapter_state_dict()
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
@@ -318,7 +376,7 @@ class MoAModel(nn.Module):
         """Transform ``model`` with the spec saved in ``directory`` and load the adapters."""
         cfg_path = pathlib.Path(directory) / ADAPTER_CONFIG
         try:
-            spec = spec_from_dict(json.loads(cfg_path.read_text())["spec"])
+            spec = spec_from_dict(json.loads(cfg_path.read_text())["moa_fx"]["spec"])
         except FileNotFoundError:
             raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_adapters") from None
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -364,7 +422,3 @@ def _first_difference(a: Any, b: Any, where: str = "spec") -> str:
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
     return f"{where}: saved {a!r}, this model {b!r}"
-
-
-def _lora_only(spec: Spec) -> bool:
-    return spec.router.kind == "none" and all(isinstance(e, LoraExpert) and len(e.ranks) == 1 for e in spec.experts)

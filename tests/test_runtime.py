@@ -109,7 +109,7 @@ def test_save_load_roundtrip_and_mismatches(tmp_path, llama):
     with pytest.raises(AdapterLoadError, match="truncated or damaged"):
         fresh.load_adapters(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "MOA_FX" and cfg["spec"]["name"] == "adamole"
+    assert cfg["peft_type"] == "MOA_FX" and cfg["moa_fx"]["spec"]["name"] == "adamole"
 
 
 def test_wider_model_refuses_adapters(tmp_path):
@@ -197,3 +197,24 @@ def test_compile_fullgraph_matches_eager_without_recompiling(lower):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_plain_lora_saves_in_peft_layout_and_peft_loads_it(tmp_path, family):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    base = tiny_model(family)
+    moa = transform(base, "lora")
+    randomize_adapters(moa, std=0.1)
+    moa.eval()
+    ids = tokens()
+    want = moa(input_ids=ids).logits
+    moa.save_adapters(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 8
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    again = transform(base, "lora")
+    again.load_adapters(tmp_path)
+    torch.testing.assert_close(again.eval()(input_ids=ids).logits, want, rtol=0, atol=0)
