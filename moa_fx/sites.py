@@ -335,14 +335,22 @@ def attention_problem(gm: fx.GraphModule, path: str, linears: list[LinearSite]) 
 
 
 def _attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> AttentionSite | str:
-    sdpa = [n for n in _span_nodes(gm, path) if n.target == aten.scaled_dot_product_attention.default]
-    if not sdpa:
-        return ("no scaled_dot_product_attention op (eager attention computes softmax(QKᵀ)V by hand; load the "
-                "model with attn_implementation='sdpa' where the architecture supports it)")
+    """The attention op is an SDPA node, or the eager pattern ``softmax(q @ kᵀ · s + mask) @ v``
+    (found from the ops, not from class names): then the anchor is the second matmul, q the first
+    matmul's left operand, k the operand under the transpose, v the second matmul's right operand."""
+    nodes = _span_nodes(gm, path)
+    sdpa = [n for n in nodes if n.target == aten.scaled_dot_product_attention.default]
     if len(sdpa) > 1:
         return f"{len(sdpa)} scaled_dot_product_attention ops, not one"
-    node = sdpa[0]
-    q, k, v = node.args[:3]
+    if sdpa:
+        node = sdpa[0]
+        q, k, v = node.args[:3]
+    else:
+        found = _eager_attention(nodes)
+        if found is None:
+            return ("no attention op: neither scaled_dot_product_attention nor one softmax(q·kᵀ)·v pattern "
+                    "(load the model with attn_implementation='sdpa' or 'eager')")
+        node, q, k, v = found
     head_dim = int(_shape(q)[-1])
     by_node = {s.node: s for s in linears if s.path.startswith(path + ".") or s.path == path}
     k_lin, k_off, k_why = _trace_to_linear(k, by_node, head_dim)
@@ -366,6 +374,46 @@ def _attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> Atte
                          k_offset=k_off, v_offset=v_off, hidden=k_lin.d_in, layer=layer_index(path),
                          transposed=k_lin.op == "addmm",
                          scale=float(scale) if scale is not None else None)
+
+
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+_SOFTMAXES = {aten.softmax.int, aten._softmax.default}
+
+
+def _eager_attention(nodes: list[fx.Node]):
+    """(output matmul, q, k, v) of one ``softmax(q @ kᵀ …) @ v`` in ``nodes``, else None."""
+    softmaxes = [n for n in nodes if n.target in _SOFTMAXES]
+    if len(softmaxes) != 1:
+        return None
+    probs = softmaxes[0]
+    # forward to the matmul with v (through casts and dropout)
+    out = probs
+    for _ in range(4):
+        users = [u for u in out.users if u.op == "call_function"
+                 and u.target is not aten._assert_tensor_metadata.default]
+        if len(users) != 1:
+            return None
+        out = users[0]
+        if out.target in _MATMULS:
+            break
+    if out.target not in _MATMULS or out.args[0] is not (out.all_input_nodes[0]):
+        return None
+    v = out.args[1]
+    # back from the softmax to the q @ kᵀ matmul (through the mask add, the scale, casts)
+    scores = probs.args[0]
+    for _ in range(6):
+        if scores.target in _MATMULS:
+            break
+        inputs = [a for a in scores.all_input_nodes if a.op == "call_function"]
+        if not inputs:
+            return None
+        scores = inputs[0]
+    if scores.target not in _MATMULS:
+        return None
+    q, kt = scores.args[:2]
+    if not (isinstance(kt, fx.Node) and kt.target in (aten.transpose.int, aten.permute.default)):
+        return None
+    return out, q, kt.args[0], v
 
 
 def _bias_of(gm: fx.GraphModule, lin: LinearSite) -> str | None:
