@@ -43,7 +43,7 @@ import torch
 
 from moa_fx import tasks as T
 from moa_fx.errors import InputError
-from moa_fx.spec import LoraExpert, RouterSpec, Spec, ThresholdSpec
+from moa_fx.spec import LoraExpert, Spec
 
 __all__ = [
     "METHODS",
@@ -564,7 +564,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 def _table_cells(row: dict[str, Any]) -> list[str]:
     acc = _fmt(row["accuracy_mean"])
     if row["accuracy_std"] is not None:
-        acc += f" ± {row['accuracy_std']:.3f}"
+        acc += f" ± {row['accuracy_std']:.3f} (n={row['seeds']})"
     delta = None
     if row["method"] != "zero-shot (base model)" and row["zero_shot"] is not None and row["accuracy_mean"] is not None:
         delta = row["accuracy_mean"] - row["zero_shot"]
