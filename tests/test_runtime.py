@@ -167,8 +167,8 @@ def test_bad_inputs(llama):
         moa.merge_adapters()
 
 
-@pytest.mark.parametrize("lower", ["off", "grouped"])
-def test_compile_fullgraph_matches_eager_without_recompiling(lower):
+@pytest.mark.parametrize("preset,lower", [(None, "off"), (None, "grouped"), ("sparse_moa", "auto")])
+def test_compile_fullgraph_matches_eager_without_recompiling(preset, lower):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -177,9 +177,9 @@ def test_compile_fullgraph_matches_eager_without_recompiling(lower):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
-    spec = Spec(experts=(LoraExpert(at=("@q", "@v"), r=4, count=4),),
-                router=RouterSpec(scope="site", select="threshold", threshold=ThresholdSpec(learned=True),
-                                  aux_loss_coef=1e-2))
+    spec = preset or Spec(experts=(LoraExpert(at=("@q", "@v"), r=4, count=4),),
+                          router=RouterSpec(scope="site", select="threshold", threshold=ThresholdSpec(learned=True),
+                                            aux_loss_coef=1e-2))
     moa = transform(model, spec, lower=lower)
     randomize_adapters(moa, std=0.5)
     compiled = torch.compile(moa, fullgraph=True, dynamic=True)
@@ -188,9 +188,10 @@ def test_compile_fullgraph_matches_eager_without_recompiling(lower):
     for seed in range(3):  # different tokens, so a different number of experts fires each time
         ids = tokens(2, 9, seed=seed)
         eager = moa(input_ids=ids, labels=ids)
-        eager_grads = torch.autograd.grad(eager.loss, [p for p in moa.parameters() if p.requires_grad])
+        params = [p for p in moa.parameters() if p.requires_grad]
+        eager_grads = torch.autograd.grad(eager.loss, params, allow_unused=True, materialize_grads=True)
         fast = compiled(input_ids=ids, labels=ids)
-        fast_grads = torch.autograd.grad(fast.loss, [p for p in moa.parameters() if p.requires_grad])
+        fast_grads = torch.autograd.grad(fast.loss, params, allow_unused=True, materialize_grads=True)
         torch.testing.assert_close(fast.logits, eager.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.loss, eager.loss, rtol=1e-4, atol=1e-5)
         for a, b in zip(fast_grads, eager_grads):

@@ -55,15 +55,22 @@ def column_tables(ranks: Sequence[int], scales: Sequence[float], device: torch.d
     tables = None if tracing else _TABLES.get(key)
     if tables is None:
         # Built outside inference mode so that autograd may save them in later training calls.
+        # Built from Python lists only: every size is static, so tracing (torch.compile, export)
+        # sees constants and never a data-dependent size (repeat_interleave with a tensor count
+        # would make one).
         with torch.inference_mode(False), torch.no_grad():
-            rank_t = torch.tensor(key[0], dtype=torch.int64)
-            scale_t = torch.tensor(key[1], dtype=torch.float32)
-            num_experts = len(key[0])
-            col_expert = torch.repeat_interleave(torch.arange(num_experts), rank_t)
-            col_scale = scale_t[col_expert]
-            onehot = torch.nn.functional.one_hot(col_expert, num_experts).to(torch.float32)
-            rank_offset = torch.zeros(num_experts + 1, dtype=torch.int64)
-            rank_offset[1:] = torch.cumsum(rank_t, 0)
+            ranks_l, scales_l = key[0], key[1]
+            num_experts = len(ranks_l)
+            experts_l = [e for e, r in enumerate(ranks_l) for _ in range(r)]
+            scale_t = torch.tensor(scales_l, dtype=torch.float32)
+            col_expert = torch.tensor(experts_l, dtype=torch.int64)
+            col_scale = torch.tensor([scales_l[e] for e in experts_l], dtype=torch.float32)
+            onehot = torch.tensor([[1.0 if e == j else 0.0 for j in range(num_experts)] for e in experts_l],
+                                  dtype=torch.float32)
+            offsets = [0]
+            for r in ranks_l:
+                offsets.append(offsets[-1] + r)
+            rank_offset = torch.tensor(offsets, dtype=torch.int64)
             tables = ColumnTables(
                 col_expert.to(device),
                 col_scale.to(device),
