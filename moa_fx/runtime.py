@@ -322,9 +322,9 @@ class MoAModel(nn.Module):
         if self.is_plain_lora():
             names = self._peft_names()
             tensors = {names[k]: v for k, v in tensors.items()}
-        _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         config = json.dumps(self.adapter_config(), indent=2, sort_keys=True)
-        _atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
+        atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
         return directory
 
     def load_adapters(self, directory: str | os.PathLike) -> None:
@@ -386,9 +386,10 @@ class MoAModel(nn.Module):
         return moa
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def atomic_write(path: pathlib.Path, write) -> None:
+    """Write to a temporary ``.<name>.*.tmp`` file in the same directory, fsync, then rename over
+    ``path``: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = pathlib.Path(tmp)
     try:

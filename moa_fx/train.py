@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -33,7 +31,7 @@ from torch import nn
 
 from .data import Batch, DigitTasks, batch_generator
 from .errors import CheckpointError, MoaFxError
-from .runtime import MoAModel, transform
+from .runtime import MoAModel, atomic_write, transform
 from .spec import load_spec, spec_to_dict
 
 __all__ = ["TrainConfig", "TrainResult", "Callbacks", "train", "save_checkpoint", "load_checkpoint",
@@ -120,20 +118,6 @@ def _run_identity(cfg: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
 def _trainable(model: MoAModel) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -158,12 +142,12 @@ def save_checkpoint(directory: pathlib.Path, model: MoAModel, optimizer: torch.o
     tensors["rng.torch"] = torch.get_rng_state()
     step = state["step"]
     tensor_file = f"tensors-{step:08d}.safetensors"
-    _atomic(directory / tensor_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / tensor_file, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     full = {**state, "tensors": tensor_file, "param_names": [n for n, _ in _trainable(model)],
             "optimizer": {"param_groups": hyper, "scalars": scalars}, "format": 1}
     text = json.dumps(full, indent=1, sort_keys=True)
-    _atomic(directory / STATE_FILE, lambda p: p.write_text(text))
+    atomic_write(directory / STATE_FILE, lambda p: p.write_text(text))
     for old in directory.glob("tensors-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
