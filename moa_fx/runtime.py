@@ -95,6 +95,10 @@ class MoAModel(nn.Module):
         if not hasattr(self.graph_module, ADAPTER_ROOT):
             self.graph_module.add_module(ADAPTER_ROOT, nn.Module())
         self.main_input_name = "input_ids"
+        # state_dict() holds the adapters only: the frozen base belongs to the base model (and its
+        # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
+        self.register_state_dict_post_hook(_adapters_only_state_dict)
+        self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
 
     # ------------------------------------------------------------------------------------------
     # calling
@@ -105,7 +109,12 @@ class MoAModel(nn.Module):
         """The module tree holding every expert, router and threshold."""
         return getattr(self.graph_module, ADAPTER_ROOT)
 
-    def forward(self, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        # input_ids/attention_mask are named so the HF Trainer keeps those dataset columns
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if value is not None:
+                kwargs[name] = value
         cap = self._captured
         if cap.is_causal_lm:
             flat = self._lm_inputs(args, kwargs)
@@ -181,6 +190,11 @@ class MoAModel(nn.Module):
             raise InputError(f"unexpected input(s) {sorted(kwargs)}; this model takes {list(self._input_names)}")
         if len(flat) != len(self._input_names):
             raise InputError(f"expected {len(self._input_names)} inputs {list(self._input_names)}, got {len(flat)}")
+        placeholders = {n.name: n.meta.get("val") for n in self.graph_module.graph.nodes if n.op == "placeholder"}
+        for name, t in zip(self._input_names, flat):
+            want = placeholders.get(name)
+            if isinstance(want, torch.Tensor) and isinstance(t, torch.Tensor):
+                _check_like(name, t, want)
         for name, t in zip(self._input_names, flat):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.compiler.is_compiling() \
                     and t.device.type != "meta" and not torch.isfinite(t).all():
@@ -411,6 +425,27 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterLoadError(f"'{path}' is not a readable safetensors file ({err}); it is truncated or "
                                "damaged (moa-fx never loads pickles)") from None
+
+
+def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:
+    """Refuse an input whose dtype, rank or static size differs from what the graph was captured with."""
+    autocast = torch.is_autocast_enabled() and t.is_floating_point() and want.is_floating_point()
+    if t.dtype != want.dtype and not autocast:
+        raise InputError(f"input '{name}' has dtype {t.dtype}, but the model was captured with {want.dtype}; "
+                         f"convert it with .to({want.dtype})")
+    if t.dim() != want.dim() or any(isinstance(w, int) and w != s for w, s in zip(want.shape, t.shape)):
+        shape = tuple(d if isinstance(d, int) else "dynamic" for d in want.shape)
+        raise InputError(f"input '{name}' has shape {tuple(t.shape)}, but the model was captured with {shape}")
+
+
+def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    keep = prefix + f"graph_module.{ADAPTER_ROOT}."
+    for key in [k for k in state if not k.startswith(keep)]:
+        del state[key]
+
+
+def _ignore_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f".{ADAPTER_ROOT}." in k]
 
 
 def _first_difference(a: Any, b: Any, where: str = "spec") -> str:

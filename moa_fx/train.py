@@ -267,6 +267,10 @@ def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callb
     cb = callbacks or Callbacks()
     out = pathlib.Path(cfg.out)
     ckpt_dir = out / CHECKPOINT_DIR
+    try:  # fail before training, not after the last step
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MoaFxError(f"cannot create output directory '{out}': {err.strerror}; choose a writable --out") from None
     if ckpt_dir.joinpath(STATE_FILE).exists() and not cfg.resume:
         raise CheckpointError(f"'{out}' already holds a checkpoint; pass --resume to continue it, or choose "
                               "another --out")

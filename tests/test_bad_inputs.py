@@ -224,8 +224,6 @@ PLAIN_SHAPE_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="MoAModel._plain_inputs does not compare inputs with the captured "
-                   "placeholders' dtype and static dims (see the report)")
 @pytest.mark.parametrize("x,fragment", PLAIN_SHAPE_CASES, ids=["long", "float64", "features", "rank"])
 def test_plain_module_wrong_dtype_or_shape(plain, x, fragment):
     with pytest.raises(InputError) as info:
@@ -445,8 +443,6 @@ def test_bad_train_arguments(capsys, tmp_path):
     assert "is neither a preset" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, "--spec", "nope")
 
 
-@pytest.mark.xfail(strict=True, reason="moa_fx.train.train does not check --out before training: it trains every "
-                   "step, then os.mkdir raises a raw NotADirectoryError (see the report)")
 def test_output_directory_under_a_regular_file(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
