@@ -56,9 +56,11 @@ def test_svg_without_graphviz_is_a_clear_error(cli, tmp_path, monkeypatch):
 
 
 def test_llama3_8b_config_on_meta_is_fast(cli):
-    t = time.perf_counter()
+    # the budget (15 s on a 2-core machine), in this process's CPU time: wall time also
+    # counts whatever else shares the machine
+    t = time.process_time()
     code, out, _ = cli("dump", "examples/configs/llama3-8b.json")
-    took = time.perf_counter() - t
+    took = time.process_time() - t
     assert code == 0
     assert "8,030.3M parameters, meta device" in out
     assert "{0..31} ×32" in out
