@@ -119,6 +119,9 @@ def check_preset(model, preset: str, tmp_path) -> None:
     params = [p for p in moa.parameters() if p.requires_grad]
     assert params and all(not p.requires_grad for p in model.parameters())
     ids = tokens(2, 9)
+    with torch.no_grad():  # equals the base model at initialisation (B = 0, gate_h = 0, PA ~ 0)
+        torch.testing.assert_close(moa.eval()(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
     moa.train()
     out = moa(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     assert torch.isfinite(out.loss)
