@@ -20,7 +20,7 @@ from torch import nn
 
 from moa_fx import capture, transform
 from moa_fx.cli import main
-from moa_fx.errors import AdapterLoadError, CheckpointError, InputError, MoaFxError, SiteMatchError, SpecError
+from moa_fx.errors import AdapterLoadError, InputError, MoaFxError, SiteMatchError, SpecError
 from moa_fx.runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MoAModel
 from moa_fx.sites import find_sites
 from moa_fx.spec import load_spec
@@ -29,13 +29,9 @@ from tiny import randomize_adapters, tiny_model, tokens
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _plain_errors(monkeypatch):
     monkeypatch.delenv("MOA_FX_DEBUG", raising=False)
     monkeypatch.setenv("MOA_FX_PLAIN", "1")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,13 +22,6 @@ from tiny import tiny_model, tokens
 HERE = pathlib.Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second thread only adds OpenMP contention on a busy 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------------

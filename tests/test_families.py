@@ -82,13 +82,6 @@ NOTES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: two threads only add OpenMP contention (10-100× slower on a busy 2-core machine)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def build(family: str):

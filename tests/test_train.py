@@ -16,12 +16,6 @@ SMALL = dict(model="tiny-llama", spec="sparse_moa", steps=8, batch_size=8, lr=1e
              eval_every=4, save_every=4, eval_examples=16, log_every=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def run(out: pathlib.Path, **kw):
