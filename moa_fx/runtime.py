@@ -337,7 +337,11 @@ class MoAModel(nn.Module):
             names = self._peft_names()
             tensors = {names[k]: v for k, v in tensors.items()}
         atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        config = json.dumps(self.adapter_config(), indent=2, sort_keys=True)
+        config_data = self.adapter_config()
+        # the checksum ties the config to these exact weight bytes: damage anywhere in the file, or a
+        # weights file from another save, is caught at load time
+        config_data["moa_fx"]["sha256"] = _sha256(directory / ADAPTER_WEIGHTS)
+        config = json.dumps(config_data, indent=2, sort_keys=True)
         atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
         return directory
 
@@ -383,6 +387,11 @@ class MoAModel(nn.Module):
                                        f"expects {tuple(v.shape)}: the base model differs from the one it was saved for")
             if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
                 raise AdapterLoadError(f"adapter tensor '{k}' holds NaN or inf; the file is damaged")
+        # last: the specific checks above name the tensor; the checksum catches what still parses
+        digest = config["moa_fx"].get("sha256")
+        if digest is not None and _sha256(w_path) != digest:
+            raise AdapterLoadError(f"'{w_path}' does not match the checksum in '{cfg_path.name}': the weights file is "
+                                   "damaged or comes from another save; save the adapters again")
         self.adapters.load_state_dict({k: tensors[k] for k in own}, strict=True)
 
     @classmethod
@@ -425,6 +434,16 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterLoadError(f"'{path}' is not a readable safetensors file ({err}); it is truncated or "
                                "damaged (moa-fx never loads pickles)") from None
+
+
+def _sha256(path: pathlib.Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:
