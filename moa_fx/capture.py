@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
@@ -214,7 +213,3 @@ def _explain_failure(model: nn.Module, err: Exception) -> str:
             f"{type(err).__name__}: {msg[:300]}. Try: model.config.use_cache = False, "
             "attn_implementation='sdpa' or 'eager' when loading, example inputs with batch and sequence >= 2, "
             "or capture(..., dynamic=False)")
-
-
-def flatten_outputs(out_spec: Any, values: list) -> Any:
-    return pytree.tree_unflatten(values, out_spec)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -18,19 +18,16 @@ from torch import nn
 
 __all__ = [
     "PROVENANCE_KEY",
-    "SITE_KEY",
     "module_path",
     "layer_index",
     "annotate",
     "add_submodule",
-    "node_by_name",
     "all_module_paths",
     "fake_value",
     "shaped_like",
 ]
 
 PROVENANCE_KEY = "moa_fx.provenance"
-SITE_KEY = "moa_fx.site"
 ADAPTER_ROOT = "moa"
 
 _NUMERIC = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -72,10 +69,6 @@ def all_module_paths(gm: fx.GraphModule) -> list[str]:
             if p:
                 seen.setdefault(p, None)
     return list(seen)
-
-
-def node_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    return {n.name: n for n in gm.graph.nodes}
 
 
 def add_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -169,13 +162,3 @@ def annotate(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node | None, pass_nam
     except Exception:  # noqa: BLE001 - metadata is best effort; the runtime check is the lint + run
         node.meta.pop("val", None)
     return node
-
-
-def users_outside(nodes: Iterable[fx.Node]) -> list[fx.Node]:
-    inside = set(nodes)
-    out: dict[fx.Node, None] = {}
-    for n in inside:
-        for u in n.users:
-            if u not in inside:
-                out.setdefault(n, None)
-    return list(out)
