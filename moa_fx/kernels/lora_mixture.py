@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["lora_mixture", "lora_mixture_forward", "resolve_backend", "BACKEND_ENV"]
+__all__ = ["lora_mixture", "lora_mixture_forward", "expand_backward", "resolve_backend", "BACKEND_ENV"]
 
 BACKEND_ENV = "MOA_FX_KERNEL_BACKEND"
 _BACKENDS = ("auto", "triton", "torch")
@@ -79,6 +79,18 @@ if triton is not None:
                 a_tile_t = a_tile_t.to(tl.float32)
             z = tl.dot(x_tile, a_tile_t, z, input_precision=DOT_PRECISION)
 
+        _gate_expand_store(z, offs_t, mask_t, offs_r, mask_r, y_ptr, b_ptr, w_ptr, col_expert_ptr, col_scale_ptr,
+                           out_ptr, D_OUT, stride_yt, stride_yn, stride_bn, stride_br, stride_wt, stride_we,
+                           stride_ot, stride_on, BLOCK_N, DOT_PRECISION, DOT_IN_FP32)
+
+    @triton.jit
+    def _gate_expand_store(
+        z, offs_t, mask_t, offs_r, mask_r, y_ptr, b_ptr, w_ptr, col_expert_ptr, col_scale_ptr, out_ptr, D_OUT,
+        stride_yt, stride_yn, stride_bn, stride_br, stride_wt, stride_we, stride_ot, stride_on,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        """The second half of both dense kernels: gate the fp32 rank-space tile Z (BLOCK_T, R_PAD)
+        and write y + Z'·B_catᵀ tile by tile over d_out."""
         # Z'[t, j] = Z[t, j] * weights[t, e(j)] * scales[e(j)]
         col_expert = tl.load(col_expert_ptr + offs_r, mask=mask_r, other=0)
         col_scale = tl.load(col_scale_ptr + offs_r, mask=mask_r, other=0.0)
@@ -164,8 +176,25 @@ def runnable_kernel(kernel, device: torch.device):
         return kernel
     wrapped = _INTERPRETED.get(kernel.fn)
     if wrapped is None:
-        wrapped = _INTERPRETED[kernel.fn] = InterpretedFunction(kernel.fn)
+        wrapped = _INTERPRETED[kernel.fn] = InterpretedFunction(_with_interpreted_helpers(kernel.fn))
     return wrapped
+
+
+def _with_interpreted_helpers(fn):
+    """A copy of ``fn`` whose globals name interpreted versions of the ``@triton.jit`` helpers it
+    calls (the module's own globals keep the compiled ones for CUDA)."""
+    import types
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    scope = dict(fn.__globals__)
+    for name, value in fn.__globals__.items():
+        if isinstance(value, JITFunction):
+            scope[name] = InterpretedFunction(value.fn)
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return copy
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -296,29 +325,37 @@ def _lora_mixture_backward(grad, x, a_cat, b_cat, weights, ranks, scales,
                            need_x: bool, need_a: bool, need_b: bool, need_w: bool):
     """Gradients of out = y + Z'·B_catᵀ, Z' = (X·A_catᵀ) ⊙ C, in torch matmuls.
 
-    dZ' = G·B_cat;  dB_cat = Gᵀ·Z';  dZ = dZ' ⊙ C;  dX = dZ·A_cat;  dA_cat = dZᵀ·X;
-    dW[t, e] = scales[e] · Σ_{j ∈ e} dZ'[t, j]·Z[t, j]   (a (T, R)·(R, E) matmul).
-    Z is recomputed (one T·d_in·R GEMM) rather than saved. Rank-space tensors are fp32; the
-    four big GEMMs run in the input dtype, like a plain torch LoRA backward.
+    The expand half (dZ, dB_cat, dW) is :func:`expand_backward`; then dX = dZ·A_cat and
+    dA_cat = dZᵀ·X. Z is recomputed (one T·d_in·R GEMM) rather than saved.
     """
-    dtype = x.dtype
-    col_gate = expand_column_scale(weights, ranks, scales)
-    dx = da = db = dw = None
-    need_dzp = need_x or need_a or need_w
-    dzp = torch.mm(grad.to(dtype), b_cat).to(torch.float32) if need_dzp else None
     z = torch.mm(x, a_cat.t()).to(torch.float32) if (need_b or need_w) else None
+    dz, db, dw = expand_backward(grad, z, b_cat, weights, ranks, scales, need_z=need_x or need_a,
+                                 need_b=need_b, need_w=need_w)
+    dx = torch.mm(dz, a_cat) if need_x else None
+    da = torch.mm(dz.t(), x) if need_a else None
+    return dx, da, db, dw
+
+
+def expand_backward(grad, z, b_cat, weights, ranks, scales, *, need_z: bool, need_b: bool, need_w: bool):
+    """Gradients of out = y + Z'·B_catᵀ, Z' = Z ⊙ C, for a given fp32 Z (None when neither
+    dB_cat nor dW is needed):
+
+    dZ' = G·B_cat;  dB_cat = Gᵀ·Z';  dZ = dZ' ⊙ C;
+    dW[t, e] = scales[e] · Σ_{j ∈ e} dZ'[t, j]·Z[t, j]   (a (T, R)·(R, E) matmul).
+    Rank-space tensors are fp32; the big GEMMs and dZ are in B_cat's dtype, like a torch LoRA backward.
+    """
+    dtype = b_cat.dtype
+    col_gate = expand_column_scale(weights, ranks, scales)
+    dz = db = dw = None
+    dzp = torch.mm(grad.to(dtype), b_cat).to(torch.float32) if (need_z or need_w) else None
     if need_b:
         db = torch.mm(grad.to(dtype).t(), (z * col_gate).to(dtype))
-    if need_x or need_a:
+    if need_z:
         dz = (dzp * col_gate).to(dtype)
-        if need_x:
-            dx = torch.mm(dz, a_cat)
-        if need_a:
-            da = torch.mm(dz.t(), x)
     if need_w:
-        tables = column_tables(ranks, scales, x.device)
+        tables = column_tables(ranks, scales, grad.device)
         dw = torch.mm(dzp * z, tables.col_to_expert_scaled).to(weights.dtype)
-    return dx, da, db, dw
+    return dz, db, dw
 
 
 _lora_mixture_op.register_autograd(_lora_mixture_backward_autograd, setup_context=_setup_context)

@@ -5,6 +5,7 @@ Map:
 - :func:`expand_column_scale`: the (T, R) gate ``C[t, j] = weights[t, e(j)] * scales[e(j)]``.
 - :func:`lora_mixture_reference`: the dense-masked math, vectorised; the CPU path of
   ``moa_fx::lora_mixture`` and the reference in tests.
+- :func:`lora_expand_reference`: its second half, from a precomputed rank-space ``z = x·A_catᵀ``.
 - :func:`grouped_lora_reference`: the same math computed only at active (token, expert) pairs,
   sorted by expert; the CPU path of ``moa_fx::grouped_lora``.
 
@@ -26,6 +27,7 @@ __all__ = [
     "column_tables",
     "expand_column_scale",
     "lora_mixture_reference",
+    "lora_expand_reference",
     "grouped_lora_reference",
     "active_pairs",
 ]
@@ -119,7 +121,25 @@ def lora_mixture_reference(
         out = lora_mixture_reference(y, x, a_cat, b_cat, weights, [4, 8], [2.0, 1.0])
     """
     z = torch.mm(x.to(torch.float32), a_cat.to(torch.float32).t())
-    z = z * expand_column_scale(weights, ranks, scales)
+    return lora_expand_reference(y, z, b_cat, weights, ranks, scales)
+
+
+def lora_expand_reference(
+    y: Tensor,
+    z: Tensor,
+    b_cat: Tensor,
+    weights: Tensor,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+) -> Tensor:
+    """``y + (z * C) @ b_cat.T``: the second half of :func:`lora_mixture_reference`, for a rank-space
+    ``z = x @ a_cat.T`` computed elsewhere (one GEMM shared by every LoRA reading x).
+
+    Differentiable by plain autograd. Example::
+
+        out = lora_expand_reference(y, x @ a_cat.T, b_cat, weights, [4, 8], [2.0, 1.0])
+    """
+    z = z.to(torch.float32) * expand_column_scale(weights, ranks, scales)
     out = torch.addmm(y.to(torch.float32), z, b_cat.to(torch.float32).t())
     return out.to(y.dtype)
 

@@ -1,0 +1,164 @@
+"""LoRA expand: ``out = y + (z * C) @ b_cat.T`` from a rank-space ``z`` computed elsewhere.
+
+This is the second half of ``moa_fx::lora_mixture``. The shared-input fusion pass
+(``moa_fx/passes/fuse_shared_input.py``) computes ``z = x·A_catᵀ`` for every LoRA site reading one x
+(with the router and threshold) in one GEMM, and each site then needs only this op.
+``C[t, j] = weights[t, e(j)] * scales[e(j)]`` as in ``lora_mixture``.
+
+Map, in the order of STYLE item 9:
+1. ``_lora_expand_fwd_kernel`` (Triton): one program per block of tokens loads Z (fp32) and runs
+   the gate-and-expand helper it shares with the mixture kernel.
+2. ``lora_expand_forward``: the launcher.
+3. ``moa_fx::lora_expand``: the custom op, its fake, its autograd (torch matmuls).
+4. The pure-torch reference, ``reference.lora_expand_reference``, is the CPU path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from moa_fx.errors import KernelError
+from moa_fx.kernels.lora_mixture import (device_guard, dot_in_fp32, dot_precision, expand_backward,
+                                         next_power_of_2, resolve_backend, runnable_kernel, triton)
+from moa_fx.kernels.reference import column_tables, lora_expand_reference
+
+__all__ = ["lora_expand", "lora_expand_forward"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# --- 1. Triton kernel -------------------------------------------------------------------------
+
+if triton is not None:
+    import triton.language as tl
+
+    from moa_fx.kernels.lora_mixture import _gate_expand_store
+
+    @triton.jit
+    def _lora_expand_fwd_kernel(
+        y_ptr, z_ptr, b_ptr, w_ptr, col_expert_ptr, col_scale_ptr, out_ptr,
+        T, D_OUT, R,
+        stride_yt, stride_yn, stride_zt, stride_zr, stride_bn, stride_br, stride_wt, stride_we,
+        stride_ot, stride_on,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_r = tl.arange(0, R_PAD)
+        mask_t = offs_t < T
+        mask_r = offs_r < R
+        z = tl.load(
+            z_ptr + offs_t[:, None] * stride_zt + offs_r[None, :] * stride_zr,
+            mask=mask_t[:, None] & mask_r[None, :], other=0.0,
+        ).to(tl.float32)
+        _gate_expand_store(z, offs_t, mask_t, offs_r, mask_r, y_ptr, b_ptr, w_ptr, col_expert_ptr, col_scale_ptr,
+                           out_ptr, D_OUT, stride_yt, stride_yn, stride_bn, stride_br, stride_wt, stride_we,
+                           stride_ot, stride_on, BLOCK_N, DOT_PRECISION, DOT_IN_FP32)
+
+
+# --- 2. Launcher ------------------------------------------------------------------------------
+
+
+def check_expand_inputs(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Sequence[int],
+                        scales: Sequence[float]) -> None:
+    """Raise KernelError naming the first input whose shape, dtype or device does not fit."""
+    named = {"y": y, "z": z, "b_cat": b_cat, "weights": weights}
+    for name, t in named.items():
+        if t.dim() != 2:
+            raise KernelError(f"lora_expand: {name} has shape {tuple(t.shape)}; it must be 2-D. "
+                              "Flatten leading dims first, e.g. z.reshape(-1, z.shape[-1]).")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise KernelError(f"lora_expand: {name} has dtype {t.dtype}; use float32, bfloat16 or float16.")
+        if t.device != y.device:
+            raise KernelError(f"lora_expand: {name} is on {t.device} but y is on {y.device}; "
+                              "move all inputs to one device.")
+    if b_cat.dtype != y.dtype:
+        raise KernelError(f"lora_expand: b_cat has dtype {b_cat.dtype} but y has {y.dtype}; cast b_cat to y's "
+                          "dtype (z and weights may be fp32).")
+    if len(ranks) == 0 or len(ranks) != len(scales) or any(int(r) <= 0 for r in ranks):
+        raise KernelError(f"lora_expand: ranks {list(ranks)} and scales {list(scales)} must be one positive rank "
+                          "and one scale per expert (at least one expert).")
+    num_tokens, d_out = y.shape
+    total_rank = sum(int(r) for r in ranks)
+    expected = {"z": (num_tokens, total_rank), "b_cat": (d_out, total_rank), "weights": (num_tokens, len(ranks))}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise KernelError(f"lora_expand: {name} has shape {tuple(named[name].shape)}, expected {shape} "
+                              f"(T={num_tokens} and d_out={d_out} from y, R=sum(ranks)={total_rank}, "
+                              f"E=len(ranks)={len(ranks)}).")
+
+
+def lora_expand_forward(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Sequence[int],
+                        scales: Sequence[float]) -> Tensor:
+    """Run ``_lora_expand_fwd_kernel`` into a fresh output; inputs must pass :func:`check_expand_inputs`."""
+    num_tokens, d_out = y.shape
+    total_rank = z.shape[1]
+    tables = column_tables(ranks, scales, y.device)
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    if num_tokens == 0:
+        return out
+    r_pad = max(16, next_power_of_2(total_rank))
+    block_t = 64 if r_pad <= 64 else (32 if r_pad <= 128 else 16)
+    grid = (triton.cdiv(num_tokens, block_t),)
+    kernel = runnable_kernel(_lora_expand_fwd_kernel, y.device)
+    with device_guard(y.device):
+        kernel[grid](
+            y, z, b_cat, weights, tables.col_expert, tables.col_scale, out,
+            num_tokens, d_out, total_rank,
+            y.stride(0), y.stride(1), z.stride(0), z.stride(1), b_cat.stride(0), b_cat.stride(1),
+            weights.stride(0), weights.stride(1), out.stride(0), out.stride(1),
+            BLOCK_T=block_t, BLOCK_N=64, R_PAD=r_pad,
+            DOT_PRECISION=dot_precision(b_cat.dtype), DOT_IN_FP32=dot_in_fp32(y.device),
+        )
+    return out
+
+
+# --- 3. Custom op, fake, autograd -------------------------------------------------------------
+
+
+@torch.library.custom_op("moa_fx::lora_expand", mutates_args=())
+def _lora_expand_op(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: list[int], scales: list[float],
+                    backend: str) -> Tensor:
+    if backend == "triton":
+        return lora_expand_forward(y, z, b_cat, weights, ranks, scales)
+    return lora_expand_reference(y, z, b_cat, weights, ranks, scales)
+
+
+@_lora_expand_op.register_fake
+def _(y, z, b_cat, weights, ranks, scales, backend):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    y, z, b_cat, weights, ranks, scales, backend = inputs
+    ctx.save_for_backward(z, b_cat, weights)
+    ctx.ranks, ctx.scales = ranks, scales
+
+
+def _backward(ctx, grad):
+    z, b_cat, weights = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dz, db, dw = expand_backward(grad, z.to(torch.float32), b_cat, weights, ctx.ranks, ctx.scales,
+                                 need_z=needs[1], need_b=needs[2], need_w=needs[3])
+    return (grad if needs[0] else None), (dz.to(z.dtype) if dz is not None else None), db, dw, None, None, None
+
+
+_lora_expand_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_expand(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Sequence[int],
+                scales: Sequence[float], *, backend: Optional[str] = None) -> Tensor:
+    """``y + (z * C) @ b_cat.T`` with ``C[t, j] = weights[t, e(j)] * scales[e(j)]``.
+
+    y (T, d_out), z (T, R) the rank-space product x·A_catᵀ, b_cat (d_out, R), weights (T, E),
+    one rank and one scale per expert, R = sum(ranks). Grads flow to y, z, b_cat and weights.
+    ``backend``: see :func:`moa_fx.kernels.resolve_backend`. Example::
+
+        out = lora_expand(y, x @ a_cat.T, b_cat, weights, ranks=[4, 8], scales=[2.0, 1.0])
+    """
+    check_expand_inputs(y, z, b_cat, weights, ranks, scales)
+    chosen = resolve_backend(backend, y.device)
+    return _lora_expand_op(y, z, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales], chosen)

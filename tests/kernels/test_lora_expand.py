@@ -1,0 +1,85 @@
+"""moa_fx::lora_expand (the mixture's second half, from a precomputed z = x·A_catᵀ).
+
+Composed with the rank-space GEMM it must equal the whole mixture, so the shared case table,
+oracles and tolerances of test_lora_mixture.py apply unchanged: every case compares the output
+and the five gradients (y, x, a_cat through z, b_cat, weights) with the loop oracle and the
+reference. A direct test checks the gradient for z itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa_fx.errors import KernelError
+from moa_fx.kernels import lora_expand, lora_expand_reference
+
+from .test_lora_mixture import (
+    CASE_IDS,
+    CASES,
+    DTYPES,
+    FP32_TOL,
+    check_op,
+    compile_and_check,
+    make_inputs,
+    needs_cuda,
+    needs_triton,
+)
+
+
+def expand_after_gemm(y, x, a_cat, b_cat, weights, ranks, scales, backend=None):
+    """The mixture computed the way the fusion pass does: one GEMM for z, then lora_expand."""
+    return lora_expand(y, x @ a_cat.t(), b_cat, weights, ranks, scales, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_torch_path_matches_oracles(case, dtype):
+    check_op(expand_after_gemm, case, dtype, backend="torch")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_triton_interpreter_matches_oracles(case, dtype):
+    check_op(expand_after_gemm, case, dtype, backend="triton")
+
+
+@needs_triton
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_triton_matches_oracles(case, dtype):
+    check_op(expand_after_gemm, case, dtype, backend="triton", device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_gradient_of_z_matches_reference(backend):
+    case = CASES[1]
+    (y, x, a_cat, b_cat, weights), scales = make_inputs(case, torch.float32)
+    z = (x @ a_cat.t()).requires_grad_()
+    w = weights.clone().requires_grad_()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(lora_expand(y, z, b_cat, w, case.ranks, scales, backend=backend), (z, w), g)
+    want = torch.autograd.grad(lora_expand_reference(y, z, b_cat, w, case.ranks, scales), (z, w), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    assert got[0].abs().max() > 0  # a live gradient, not an all-zero match
+
+
+def test_errors_name_the_tensor_and_the_fix():
+    case = CASES[1]
+    (y, x, a_cat, b_cat, weights), scales = make_inputs(case, torch.float32)
+    z = x @ a_cat.t()
+    with pytest.raises(KernelError, match=r"z has shape \(37, 91\), expected \(37, 92\)"):
+        lora_expand(y, z[:, :91], b_cat, weights, case.ranks, scales)
+    with pytest.raises(KernelError, match="z has shape .* must be 2-D. Flatten"):
+        lora_expand(y, z[None], b_cat, weights, case.ranks, scales)
+    with pytest.raises(KernelError, match="b_cat has dtype torch.bfloat16 but y has torch.float32"):
+        lora_expand(y, z, b_cat.bfloat16(), weights, case.ranks, scales)
+    with pytest.raises(KernelError, match="one positive rank and one scale per expert"):
+        lora_expand(y, z, b_cat, weights, case.ranks, scales[:-1])
+
+
+def test_compiles_as_one_node_without_recompiles():
+    compile_and_check(expand_after_gemm, torch.ops.moa_fx.lora_expand.default)
