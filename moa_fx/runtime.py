@@ -52,7 +52,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
-              dynamic: bool = True, lower: str = "auto", until: str | None = None) -> "MoAModel":
+              dynamic: bool = True, lower: str = "auto", fuse: bool = True,
+              until: str | None = None) -> "MoAModel":
     """Capture ``model``, insert the experts and routers that ``spec`` describes, return a MoAModel.
 
     ``spec`` is a :class:`Spec`, a preset name (``"adamole"``), a ``.toml``/``.json`` path or a dict.
@@ -61,6 +62,8 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
     faster for big architectures on the meta device, where only inspection is wanted). ``lower``
     picks how LoRA mixtures run: ``"auto"`` (a cost model picks the fused dense-masked or grouped op
     per site), ``"dense"``, ``"grouped"``, or ``"off"`` (one graph node per expert, weighted sum).
+    ``fuse`` gives every tensor read by several small projections (the LoRA A's of q, k and v, the
+    router, the threshold) one GEMM followed by splits; ``fuse=False`` keeps one GEMM per reader.
 
     >>> model = transform(hf_model, "adamole")            # doctest: +SKIP
     >>> model(input_ids=ids, labels=ids).loss.backward()  # doctest: +SKIP
@@ -68,7 +71,7 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
     spec = load_spec(spec)
     captured = capture(model, example_inputs, dynamic=dynamic)
     plan = find_sites(captured.gm, spec)
-    ctx = run_pipeline(PassContext(captured.gm, spec, plan), pipeline(lower), until=until)
+    ctx = run_pipeline(PassContext(captured.gm, spec, plan), pipeline(lower, fuse), until=until)
     return MoAModel(captured, spec, ctx)
 
 

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--after", metavar="PASS", help="stop the rewrite after this pass")
     p.add_argument("--lower", choices=LOWER_CHOICES, default="auto",
                    help="lowering of LoRA mixtures in the rewritten graph (default: auto)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep one GEMM per reader of a shared input (skip the fuse_shared_input pass)")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when the graphs differ, 0 when equal")
     p.add_argument("--json", action="store_true", help="print the diff as JSON")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None,
@@ -77,11 +79,12 @@ def diff_data(args: argparse.Namespace) -> tuple[dict, str, str]:
         from ..spec import load_spec
 
         spec = load_spec(args.spec[0])
-        run_pipeline(PassContext(built.gm, spec, find_sites(built.gm, spec)), pipeline(args.lower), until=args.after)
+        run_pipeline(PassContext(built.gm, spec, find_sites(built.gm, spec)), pipeline(args.lower, args.fuse),
+                     until=args.after)
         return diff_graphs(before, export_graph(built.gm)), model, f"{model} + {spec.name}"
     if len(args.spec) == 2:
-        a = build(model, args.spec[0], until=args.after, dynamic=args.dynamic, lower=args.lower)
-        b = build(model, args.spec[1], until=args.after, dynamic=args.dynamic, lower=args.lower)
+        a = build(model, args.spec[0], until=args.after, dynamic=args.dynamic, lower=args.lower, fuse=args.fuse)
+        b = build(model, args.spec[1], until=args.after, dynamic=args.dynamic, lower=args.lower, fuse=args.fuse)
         return (diff_graphs(export_graph(a.gm), export_graph(b.gm)), f"{model} + {a.spec.name}",
                 f"{model} + {b.spec.name}")
     raise MoaFxError("diff MODEL needs --spec S (before vs after S) or --spec A --spec B (A vs B)")

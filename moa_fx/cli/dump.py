@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--after", metavar="PASS", help="stop after this pass (see moa_fx.passes.DEFAULT_PIPELINE)")
     p.add_argument("--lower", choices=LOWER_CHOICES, default="auto",
                    help="lowering of LoRA mixtures in the rewritten graph (default: auto)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep one GEMM per reader of a shared input (skip the fuse_shared_input pass)")
     p.add_argument("--view", choices=VIEWS, default="tree", help="what to print (default: tree)")
     p.add_argument("--module", metavar="GLOB", help="only nodes traced in modules matching GLOB (or under them)")
     p.add_argument("--op", metavar="NAME", help="only nodes of this op (linear, aten.linear, route, ...)")
@@ -47,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def dump_data(args: argparse.Namespace) -> tuple[dict, object]:
     """The export of the requested graph (filtered) and the GraphModule."""
-    built = build(args.model, args.spec, until=args.after, dynamic=args.dynamic, lower=args.lower)
+    built = build(args.model, args.spec, until=args.after, dynamic=args.dynamic, lower=args.lower, fuse=args.fuse)
     info = {"model": args.model, "spec": built.spec.name if built.spec else None, "after": args.after,
             "description": describe_model(built.model, built.how)}
     export = export_graph(built.gm, **info)

@@ -159,7 +159,7 @@ class Built:
 
 
 def build(ref: str, spec: Any = None, *, until: str | None = None, dynamic: bool | None = None,
-          model: tuple[nn.Module, str] | None = None, lower: str = "auto") -> Built:
+          model: tuple[nn.Module, str] | None = None, lower: str = "auto", fuse: bool = True) -> Built:
     """Load ``ref``, capture it, and (with a spec) run the rewrite pipeline, up to pass ``until``.
 
     ``dynamic=None`` captures meta-device models with static example shapes (batch 2, sequence 8):
@@ -179,7 +179,7 @@ def build(ref: str, spec: Any = None, *, until: str | None = None, dynamic: bool
     if spec is not None:
         built.spec = load_spec(spec)
         built.plan = find_sites(captured.gm, built.spec)
-        ctx = run_pipeline(PassContext(captured.gm, built.spec, built.plan), pipeline(lower), until=until)
+        ctx = run_pipeline(PassContext(captured.gm, built.spec, built.plan), pipeline(lower, fuse), until=until)
         built.records = ctx.records
     elif until is not None:
         raise MoaFxError("--after needs --spec: passes run only when there is a spec to apply")

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from ..errors import MoaFxError, PassError
 from .base import PassContext, PassRecord
 from .cleanup import cleanup
+from .fuse_shared_input import fuse_shared_input
 from .insert_lora_experts import insert_lora_experts
 from .insert_parallel_adapters import insert_parallel_adapters
 from .insert_prompt_experts import insert_prompt_experts
@@ -28,6 +29,7 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     insert_prompt_experts,  # same, at SDPA outputs (before o_proj)
     insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
     lower_sparse_dispatch,  # needs: LoRA-only combines; replaces Δ nodes + combine by one fused op
+    fuse_shared_input,  # needs: lowered sites, routers, thresholds; one GEMM per input read by several
     cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
 )
 
@@ -35,20 +37,21 @@ PASSES: dict[str, Pass] = {p.__name__: p for p in DEFAULT_PIPELINE}
 LOWER_CHOICES = ("auto", "dense", "grouped", "off")
 
 
-def pipeline(lower: str = "auto") -> tuple[Pass, ...]:
-    """The default pipeline with the lowering form fixed (``"off"`` leaves the dense-masked graph)."""
+def pipeline(lower: str = "auto", fuse: bool = True) -> tuple[Pass, ...]:
+    """The default pipeline with the lowering form fixed (``"off"`` leaves the dense-masked graph)
+    and the shared-input fusion on or off."""
     if lower not in LOWER_CHOICES:
         raise PassError(f"lower = {lower!r} is not valid; choose one of {', '.join(map(repr, LOWER_CHOICES))}")
-    if lower == "off":
-        return tuple(p for p in DEFAULT_PIPELINE if p is not lower_sparse_dispatch)
-    if lower == "auto":
-        return DEFAULT_PIPELINE
+    passes = tuple(p for p in DEFAULT_PIPELINE if (fuse or p is not fuse_shared_input)
+                   and (lower != "off" or p is not lower_sparse_dispatch))
+    if lower in ("off", "auto"):
+        return passes
 
     def lower_sparse_dispatch_forced(ctx: PassContext) -> None:
         lower_sparse_dispatch(ctx, form=lower)
 
     lower_sparse_dispatch_forced.__name__ = "lower_sparse_dispatch"
-    return tuple(lower_sparse_dispatch_forced if p is lower_sparse_dispatch else p for p in DEFAULT_PIPELINE)
+    return tuple(lower_sparse_dispatch_forced if p is lower_sparse_dispatch else p for p in passes)
 
 
 def run_pipeline(ctx: PassContext, passes: Sequence[Pass] = DEFAULT_PIPELINE, *, until: str | None = None) -> PassContext:

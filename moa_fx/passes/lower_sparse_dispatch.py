@@ -26,7 +26,7 @@ from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
 from .base import PassContext, PassRecord, new_node
 
-__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "plan_lowering", "decide", "NOMINAL_TOKENS", "LOWERING_KEY"]
+__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "site_weights", "plan_lowering", "decide", "NOMINAL_TOKENS", "LOWERING_KEY"]
 
 PASS = "lower_sparse_dispatch"
 LOWERING_KEY = "moa_fx.lowering"
@@ -41,15 +41,20 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
     dtype = y.dtype
     y2 = y.reshape(-1, y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    if w is None:
-        weights = x2.new_ones(x2.shape[0], len(ranks))
-    else:
-        w2 = w.reshape(-1, w.shape[-1])
-        weights = w2 if cols == list(range(w2.shape[-1])) else w2[:, cols]
+    weights = site_weights(w, cols, x2, len(ranks))
     a_cat = torch.cat([a.to(dtype) for a in a_list], dim=0)
     b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
     op = grouped_lora if form == "grouped" else lora_mixture
     return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
+
+
+def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, num: int) -> torch.Tensor:
+    """The (T, E) weights of a site's experts: the router columns ``cols`` of ``w``, or ones
+    (no router) shaped by ``like``'s T rows."""
+    if w is None:
+        return like.new_ones(like.shape[0], num)
+    w2 = w.reshape(-1, w.shape[-1])
+    return w2 if cols == list(range(w2.shape[-1])) else w2[:, cols]
 
 
 def _expected_rate(spec: Spec, num_experts: int) -> float:

@@ -2,7 +2,7 @@ import json
 
 
 def test_spec_diff_groups_by_pass_and_site(cli):
-    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa", "--lower", "off")
+    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--no-fuse")
     assert code == 0
     assert "+ insert_lora_experts  10 nodes at 10 sites" in out
     assert "+ model.layers.{0..1}.mlp ×2: 1 nodes (pa)" in out
@@ -14,6 +14,12 @@ def test_lowered_diff_shows_the_fused_ops(cli):
     assert code == 0
     assert "insert_lora_experts" not in out  # the per-expert nodes were replaced by the fused op
     assert "+ lower_sparse_dispatch" in out and "lowered_lora_site" in out
+
+
+def test_fused_diff_shows_one_gemm_per_shared_input(cli):
+    code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa")
+    assert code == 0
+    assert "+ fuse_shared_input" in out and "shared_input_projection" in out and "expand_lora_site" in out
 
 
 def test_exit_code_and_json(cli, cli_json, tmp_path):

@@ -1,0 +1,104 @@
+"""The shared-input fusion pass changes no number beyond rounding, and fuses what it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa_fx import presets, transform
+from moa_fx.passes.fuse_shared_input import FUSION_KEY, expand_lora_site, shared_input_projection
+from moa_fx.passes.lower_sparse_dispatch import lowered_lora_site
+from tiny import randomize_adapters, tiny_model, tokens
+
+
+def _grads(moa, loss):
+    params = [p for p in moa.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    # fp32: one GEMM over the stacked weights sums in another order than separate GEMMs;
+    # differences are rounding-sized relative to the tensor's largest entry
+    scale = float(want.detach().abs().max()) or 1.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _fused_nodes(moa):
+    return [n for n in moa.graph_module.graph.nodes if n.target is shared_input_projection]
+
+
+def _check_equal(model, spec, lower="auto"):
+    ref = transform(model, spec, lower=lower, fuse=False)
+    randomize_adapters(ref, std=0.1)
+    fused = transform(model, spec, lower=lower, fuse=True)
+    fused.adapters.load_state_dict(ref.adapters.state_dict())
+    # eval mode: dropout off, so both graphs see the same inputs (the fusion does not touch dropout)
+    ref.eval()
+    fused.eval()
+    ids = tokens(3, 9)
+    want = ref(input_ids=ids, labels=ids)
+    got = fused(input_ids=ids, labels=ids)
+    _close(got.logits, want.logits, "logits")
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, _grads(fused, got.loss), _grads(ref, want.loss)):
+        _close(a, b, f"d {name}")
+    return fused
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_fused_equals_unfused_every_preset(llama, name):
+    fused = _check_equal(llama, name)
+    # prompt experts read q and parallel adapters the block input, each alone and with no router:
+    # nothing to fuse there; every other preset has two or more readers of one input
+    if name not in ("prompt_tuning", "parallel_adapter"):
+        assert _fused_nodes(fused), f"{name}: nothing was fused"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+@pytest.mark.parametrize("name", ["sparse_moa", "adamole"])
+def test_fused_equals_unfused_other_families(family, name):
+    _check_equal(tiny_model(family), name)
+
+
+def test_unlowered_experts_fuse_too(llama):
+    _check_equal(llama, "sparse_moa", lower="off")
+
+
+def test_sparse_moa_block_is_one_gemm(llama):
+    """q, k, v's LoRA A (r 8 each), the block's SwiGLU router (W₁ and W₃: 2 × 4·E = 48 rows, E = 6)
+    and the threshold read the attention norm's output: one GEMM of 48+1+8+8+8 columns per layer."""
+    moa = transform(llama, "sparse_moa")
+    nodes = _fused_nodes(moa)
+    assert len(nodes) == llama.config.num_hidden_layers
+    for node in nodes:
+        assert node.args[2] == [48, 1, 8, 8, 8]  # graph order: router, threshold, q, k, v
+        readers = node.meta[FUSION_KEY]["readers"]
+        assert len(readers) == 5
+    expands = [n for n in moa.graph_module.graph.nodes if n.target is expand_lora_site]
+    lowered = [n for n in moa.graph_module.graph.nodes if n.target is lowered_lora_site]
+    assert len(expands) == 3 * len(nodes)  # q, k, v
+    assert len(lowered) == 2 * len(nodes)  # o and down read their own inputs: nothing to share
+    # the modules are still there (state dicts unchanged); the graph reads their weights
+    assert not [n for n in moa.graph_module.graph.nodes if n.op == "call_module" and "router" in n.target]
+
+
+def test_adamole_fuses_routers_and_thresholds_not_dropped_experts(llama):
+    moa = transform(llama, "adamole")
+    num_experts = len(presets.get("adamole").experts[0].ranks)
+    nodes = _fused_nodes(moa)
+    assert nodes
+    for node in nodes:  # τ (1 column) and E router logits per site; no LoRA A (dropout)
+        assert set(node.args[2]) == {1, num_experts}
+    notes = [r.note for r in moa.records if r.pass_name == "fuse_shared_input"]
+    assert any("input dropout reads its own dropped copy" in n for n in notes)
+
+
+# compile hygiene of fused graphs: tests/test_runtime.py compiles the default (fused) pipeline
+# with fullgraph=True, lowered and unlowered, and counts graphs and breaks
+
+
+def test_grouped_sites_are_kept_with_a_reason(llama):
+    moa = transform(llama, "mole_topk", lower="grouped")
+    notes = [r.note for r in moa.records if r.pass_name == "fuse_shared_input"]
+    assert any("grouped LoRA form computes A only at active pairs" in n for n in notes)
+    assert not [n for n in moa.graph_module.graph.nodes if n.target is expand_lora_site]
