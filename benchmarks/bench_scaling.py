@@ -64,10 +64,7 @@ def main(argv=None):
         for lower in ([None, "auto"] if lowering else [None]):
             for rate in args.rates:
                 name = f"{m}.{'lowered' if lower else 'eager'}@{rate:g}"
-                moa, _ = common.make_moa(base, m, lower)
-                moa.train()
-                with torch.no_grad():
-                    common.calibrate(common.moa_routers(moa), lambda: moa(input_ids=calib_ids), rate)
+                moa, _ = common.calibrated_moa(base, m, lower, calib_ids, rate)
                 moas[name] = moa
                 print(f"built {name}", flush=True)
 

@@ -13,7 +13,9 @@ Variants (PERF.md "The variants every benchmark runs"):
                          input norm). Written here, not library code;
 4. ``<method>.eager`` / ``.compiled`` / ``.lowered`` / ``.lowered.compiled``: moa-fx
                          (``transform(model, spec, lower="off")`` / torch.compile of it /
-                         ``transform(model, spec, lower="auto")`` / torch.compile of that).
+                         ``transform(model, spec, lower="auto")`` / torch.compile of that), all
+                         with the shared-input fusion (the default); ``--unfused`` adds
+                         ``.eager.unfused`` / ``.lowered.unfused`` (``fuse=False``).
 
 Step = forward with labels + backward + AdamW step + zero_grad (the floor has no optimizer).
 Sparse methods are calibrated so that ``--activation`` (default 0.5) of (token, expert) pairs fire;
@@ -264,17 +266,12 @@ class Bench:
         self._models: dict[str, nn.Module] = {}  # variant -> its eager model (for --inference)
 
     # -- pieces ------------------------------------------------------------------------------
-    def moa(self, method: str, lower: str | None):
-        key = (method, lower)
+    def moa(self, method: str, lower: str | None, fuse: bool = True):
+        key = (method, lower, fuse)
         if key not in self.moas:
             t0 = time.perf_counter()
-            moa, note = common.make_moa(self.base, method, lower)
-            self.transform_s[f"{method}:{lower or 'off'}"] = time.perf_counter() - t0
-            moa.train()
-            handles = common.moa_routers(moa)
-            if handles and self.args.activation is not None:
-                with torch.no_grad():
-                    common.calibrate(handles, lambda: moa(input_ids=self.ids), self.args.activation)
+            moa, note = common.calibrated_moa(self.base, method, lower, self.ids, self.args.activation, fuse)
+            self.transform_s[f"{method}:{lower or 'off'}{'' if fuse else ':unfused'}"] = time.perf_counter() - t0
             self.moas[key] = (moa, note)
         return self.moas[key]
 
@@ -322,7 +319,9 @@ class Bench:
         if kind == "loop":
             return self._loop(method)
         lower = "auto" if kind.startswith("lowered") else None
-        moa, note = self.moa(method, lower)
+        fuse = not kind.endswith("unfused")
+        kind = kind.removesuffix(".unfused")
+        moa, note = self.moa(method, lower, fuse)
         self.notes[name] = note
         self.info[name] = {"lowering": common.lowering_summary(moa)} if lower else {}
         self.activation_fns[name] = lambda m=moa: self._moa_activation(m)
@@ -387,10 +386,14 @@ def variant_names(args, lowering: bool) -> list[str]:
         if m in LOOP_METHODS and not args.no_loop:
             names.append(f"{m}.loop")
         names.append(f"{m}.eager")
+        if args.unfused:
+            names.append(f"{m}.eager.unfused")
         if args.compile and m in args.compile_methods:
             names.append(f"{m}.compiled")
         if lowering and not args.no_lowered:
             names.append(f"{m}.lowered")
+            if args.unfused:
+                names.append(f"{m}.lowered.unfused")
             if args.compile and m in args.compile_methods and args.compile_lowered:
                 names.append(f"{m}.lowered.compiled")
     if args.variants:
@@ -465,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-compile-lowered", dest="compile_lowered", action="store_false")
     ap.add_argument("--no-lowered", action="store_true")
     ap.add_argument("--no-loop", action="store_true")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time <method>.eager.unfused / .lowered.unfused (fuse=False: one GEMM per reader)")
     ap.add_argument("--variants", nargs="+", default=None, help="keep only these variant names (and the floor)")
     ap.add_argument("--memory", action="store_true",
                     help="CPU: RSS high-water mark per variant, each in its own subprocess")
@@ -569,7 +574,7 @@ def summarise(args, bench: Bench, timings: dict[str, common.Timing]) -> dict[str
         peft = variants.get(peft_name(m))
         peft_c = variants.get(peft_name(m) + ".compiled")
         loop = variants.get(f"{m}.loop")
-        for kind in ("eager", "compiled", "lowered", "lowered.compiled"):
+        for kind in ("eager", "eager.unfused", "compiled", "lowered", "lowered.unfused", "lowered.compiled"):
             v = variants.get(f"{m}.{kind}")
             if v is None:
                 continue

@@ -234,19 +234,43 @@ def transform_supports_lower() -> bool:
     return "lower" in inspect.signature(transform).parameters
 
 
-def make_moa(model, spec, lower: str | None):
-    """``transform(model, spec, lower=...)``; ``lower=None`` asks for the unlowered graph.
+def make_moa(model, spec, lower: str | None, fuse: bool = True):
+    """``transform(model, spec, lower=..., fuse=...)``; ``lower=None`` asks for the unlowered graph.
 
     Returns (moa, note). Raises TypeError (from ``transform``) when ``lower`` is asked for but the
     library does not have the keyword yet.
     """
+    import inspect
+
     from moa_fx import transform
 
+    kwargs = {"fuse": fuse} if "fuse" in inspect.signature(transform).parameters else {}
+    note = "" if kwargs else "; no fusion pass in this version"
+    if not fuse:
+        note += "; fuse=False"
     if lower is None:
         if transform_supports_lower():
-            return transform(model, spec, lower="off"), "lower='off'"
+            return transform(model, spec, lower="off", **kwargs), "lower='off'" + note
         return transform(model, spec), "no lowering pass in this version"
-    return transform(model, spec, lower=lower), f"lower={lower!r}"
+    return transform(model, spec, lower=lower, **kwargs), f"lower={lower!r}" + note
+
+
+def calibrated_moa(model, spec, lower: str | None, ids, rate: float | None, fuse: bool = True):
+    """:func:`make_moa` in train mode, its learned thresholds calibrated (:func:`calibrate`) so that
+    about ``rate`` of the (token, expert) pairs fire on ``ids`` (``rate=None``: as initialised).
+
+    The calibration hooks run the router modules, which a fused graph reads only through their
+    weights; so an unfused twin is calibrated and its router and threshold weights are loaded.
+    """
+    moa, note = make_moa(model, spec, lower, fuse)
+    moa.train()
+    if rate is not None and moa_routers(moa):
+        twin, _ = make_moa(model, spec, lower, fuse=False)
+        twin.train()
+        with torch.no_grad():
+            calibrate(moa_routers(twin), lambda: twin(input_ids=ids), rate)
+        moa.adapters.load_state_dict(twin.adapters.state_dict())
+    return moa, note
 
 
 def lowering_summary(moa) -> dict[str, Any]:
