@@ -64,7 +64,7 @@ def main(argv=None):
         for lower in ([None, "auto"] if lowering else [None]):
             for rate in args.rates:
                 name = f"{m}.{'lowered' if lower else 'eager'}@{rate:g}"
-                moa, _ = common.calibrated_moa(base, m, lower, calib_ids, rate)
+                moa, _, _ = common.calibrated_moa(base, m, lower, calib_ids, rate)
                 moas[name] = moa
                 print(f"built {name}", flush=True)
 

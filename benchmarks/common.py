@@ -259,18 +259,25 @@ def calibrated_moa(model, spec, lower: str | None, ids, rate: float | None, fuse
     """:func:`make_moa` in train mode, its learned thresholds calibrated (:func:`calibrate`) so that
     about ``rate`` of the (token, expert) pairs fire on ``ids`` (``rate=None``: as initialised).
 
+    Returns (moa, note, transform seconds: the transform alone, not the calibration).
     The calibration hooks run the router modules, which a fused graph reads only through their
-    weights; so an unfused twin is calibrated and its router and threshold weights are loaded.
+    weights; so a fused model is calibrated through an unfused twin whose router and threshold
+    weights are then loaded.
     """
+    t0 = time.perf_counter()
     moa, note = make_moa(model, spec, lower, fuse)
+    seconds = time.perf_counter() - t0
     moa.train()
     if rate is not None and moa_routers(moa):
-        twin, _ = make_moa(model, spec, lower, fuse=False)
-        twin.train()
+        twin = moa
+        if fuse:
+            twin, _ = make_moa(model, spec, lower, fuse=False)
+            twin.train()
         with torch.no_grad():
             calibrate(moa_routers(twin), lambda: twin(input_ids=ids), rate)
-        moa.adapters.load_state_dict(twin.adapters.state_dict())
-    return moa, note
+        if twin is not moa:
+            moa.adapters.load_state_dict(twin.adapters.state_dict())
+    return moa, note, seconds
 
 
 def lowering_summary(moa) -> dict[str, Any]:

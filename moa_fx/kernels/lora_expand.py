@@ -141,9 +141,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     z, b_cat, weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dz, db, dw = expand_backward(grad, z.to(torch.float32), b_cat, weights, ctx.ranks, ctx.scales,
-                                 need_z=needs[1], need_b=needs[2], need_w=needs[3])
-    return (grad if needs[0] else None), (dz.to(z.dtype) if dz is not None else None), db, dw, None, None, None
+    z32 = z.to(torch.float32) if (needs[2] or needs[3]) else None
+    dz, db, dw = expand_backward(grad, z32, b_cat, weights, ctx.ranks, ctx.scales, need_z=needs[1],
+                                 need_b=needs[2], need_w=needs[3], dz_dtype=z.dtype)
+    return (grad if needs[0] else None), dz, db, dw, None, None, None
 
 
 _lora_expand_op.register_autograd(_backward, setup_context=_setup_context)

@@ -336,13 +336,15 @@ def _lora_mixture_backward(grad, x, a_cat, b_cat, weights, ranks, scales,
     return dx, da, db, dw
 
 
-def expand_backward(grad, z, b_cat, weights, ranks, scales, *, need_z: bool, need_b: bool, need_w: bool):
+def expand_backward(grad, z, b_cat, weights, ranks, scales, *, need_z: bool, need_b: bool, need_w: bool,
+                    dz_dtype: torch.dtype | None = None):
     """Gradients of out = y + Z'·B_catᵀ, Z' = Z ⊙ C, for a given fp32 Z (None when neither
     dB_cat nor dW is needed):
 
     dZ' = G·B_cat;  dB_cat = Gᵀ·Z';  dZ = dZ' ⊙ C;
     dW[t, e] = scales[e] · Σ_{j ∈ e} dZ'[t, j]·Z[t, j]   (a (T, R)·(R, E) matmul).
-    Rank-space tensors are fp32; the big GEMMs and dZ are in B_cat's dtype, like a torch LoRA backward.
+    Rank-space tensors are fp32; the big GEMMs are in B_cat's dtype, like a torch LoRA backward, and
+    dZ is rounded once, to ``dz_dtype`` (default B_cat's dtype).
     """
     dtype = b_cat.dtype
     col_gate = expand_column_scale(weights, ranks, scales)
@@ -351,7 +353,7 @@ def expand_backward(grad, z, b_cat, weights, ranks, scales, *, need_z: bool, nee
     if need_b:
         db = torch.mm(grad.to(dtype).t(), (z * col_gate).to(dtype))
     if need_z:
-        dz = (dzp * col_gate).to(dtype)
+        dz = (dzp * col_gate).to(dz_dtype or dtype)
     if need_w:
         tables = column_tables(ranks, scales, grad.device)
         dw = torch.mm(dzp * z, tables.col_to_expert_scaled).to(weights.dtype)

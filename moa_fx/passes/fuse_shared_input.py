@@ -13,7 +13,8 @@ one GEMM, one split) after x, a ``getitem`` per reader, and each reader rebuilt 
 ``expand_lora_site`` (``moa_fx::lora_expand``: the lowered mixture's second half),
 ``lora_from_projection``, ``router_from_projection``, ``threshold_from_projection``. Weights stay
 the same parameters (read through ``get_attr``), so state dicts and gradients are unchanged; the
-results equal the unfused graph's up to rounding (GEMM summation order).
+results equal the unfused graph's up to rounding: the GEMM's summation order, and in bf16 the
+rank-space ``z`` is rounded to bf16 before gating (the unfused mixture kernel keeps it in fp32).
 Kept apart (recorded with the reason): the grouped LoRA form (it computes A only at active pairs),
 experts with input dropout (each reads its own dropped copy of x), and weights whose dtype differs
 from x's. Records: one PassRecord per fused group.
@@ -70,15 +71,16 @@ def router_from_projection(z: torch.Tensor, bias: torch.Tensor | None, w2: torch
                            b2: torch.Tensor | None = None) -> torch.Tensor:
     """Router logits from ``z``: linear ``z + b``, or SwiGLU ``W₂(silu(z₁ + b₁) ⊙ (z₃ + b₃)) + b₂``
     with ``z = [W₁x | W₃x]``."""
+    # biases in z's dtype, as nn.Linear under autocast adds them (bf16 z, fp32 bias -> bf16)
     if w2 is None:
-        return z if bias is None else z + bias
+        return z if bias is None else z + bias.to(z.dtype)
     z1, z3 = z.chunk(2, dim=-1)
-    return F.linear(F.silu(z1 + b1) * (z3 + b3), w2, b2)
+    return F.linear(F.silu(z1 + b1.to(z.dtype)) * (z3 + b3.to(z.dtype)), w2, b2)
 
 
 def threshold_from_projection(z: torch.Tensor, bias: torch.Tensor, tau_max: float) -> torch.Tensor:
     """``τ = τ_max·sigmoid(z + b)`` for ``z = W_t x``."""
-    return tau_max * torch.sigmoid(z + bias)
+    return tau_max * torch.sigmoid(z + bias.to(z.dtype))
 
 
 # --- readers: what each kind of node projects, and how it is rebuilt on its piece ----------------
@@ -104,11 +106,12 @@ def _site(node: fx.Node) -> str:
 def _lowered_site(ctx: PassContext, node: fx.Node) -> Reader | str | None:
     if node.op != "call_function" or node.target is not lowered_lora_site:
         return None
-    y, x, w, a_nodes, b_nodes, ranks, scales, cols, form = node.args
+    _, _, _, a_nodes, _, ranks, _, _, form = node.args
     if form != "dense":
         return "grouped LoRA form computes A only at active pairs"
 
     def rebuild(ctx, old, piece):
+        y, _, w, _, b_nodes, ranks, scales, cols, _ = old.args  # read now: earlier rewrites may have moved them
         new = new_node(ctx, "call_function", expand_lora_site, (y, piece, w, b_nodes, ranks, scales, cols),
                        anchor=y, pass_name=PASS, site=_site(old), role="fused dense LoRA expand",
                        val=old.meta.get("val"))
@@ -198,11 +201,13 @@ def fuse_shared_input(ctx: PassContext) -> None:
             else:
                 groups.setdefault(x, []).append(found)
             break
-    for x, readers in groups.items():
+    for x in dict.fromkeys([*groups, *kept]):
+        readers = groups.get(x, [])
         dtype = getattr(x.meta.get("val"), "dtype", None)
-        odd = [r for r in readers if any(ctx.gm.get_parameter(t).dtype != dtype for t in r.weights)]
+        odd = [r for r in readers if dtype is None or any(ctx.gm.get_parameter(t).dtype != dtype for t in r.weights)]
         readers = [r for r in readers if r not in odd]
-        notes = [f"{r.node.name}: weight dtype differs from x's {dtype}" for r in odd] + kept.get(x, [])
+        notes = [f"{r.node.name}: weight dtype differs from x's {dtype}" if dtype is not None else
+                 f"{r.node.name}: x has no recorded dtype" for r in odd] + kept.get(x, [])
         site = _site(readers[0].node) if readers else x.name
         if len(readers) < 2:
             if notes:

@@ -67,6 +67,25 @@ def test_gradient_of_z_matches_reference(backend):
     assert got[0].abs().max() > 0  # a live gradient, not an all-zero match
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_slice_of_a_shared_gemm_and_fp32_z_with_bf16_weights(backend):
+    """What the fusion pass passes: z is a column slice of a wider GEMM output (row stride = the
+    total width, not R); and an fp32 z may meet bf16 y and b_cat."""
+    case = CASES[1]
+    (y, x, a_cat, b_cat, weights), scales = make_inputs(case, torch.float32)
+    other = torch.randn(7, x.shape[1], generator=torch.Generator().manual_seed(5))
+    wide = x @ torch.cat([other, a_cat]).t()  # (T, 7 + R)
+    z = wide.split([7, a_cat.shape[0]], dim=-1)[1]
+    assert not z.is_contiguous()
+    want = lora_expand_reference(y, z.contiguous(), b_cat, weights, case.ranks, scales)
+    torch.testing.assert_close(lora_expand(y, z, b_cat, weights, case.ranks, scales, backend=backend), want,
+                               **FP32_TOL)
+    got16 = lora_expand(y.bfloat16(), z, b_cat.bfloat16(), weights, case.ranks, scales, backend=backend)
+    want16 = lora_expand_reference(y.bfloat16(), z, b_cat.bfloat16(), weights, case.ranks, scales)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want16.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_errors_name_the_tensor_and_the_fix():
     case = CASES[1]
     (y, x, a_cat, b_cat, weights), scales = make_inputs(case, torch.float32)

@@ -1,8 +1,9 @@
 """Every preset's rewritten graph (lowered and fused, the default pipeline) compiles with
 ``fullgraph=True`` and matches eager, forward and gradients.
 
-Dynamo with the ``eager`` backend: it traces the whole graph (a graph break or a data-dependent
-shape fails here) without Inductor's C++ build, which tests/test_runtime.py exercises on two specs.
+Dynamo with the ``eager`` backend: it traces the whole graph (fullgraph=True raises on a graph break
+or a data-dependent shape) without AOTAutograd and Inductor's C++ build, which tests/test_runtime.py
+exercises (custom-op backwards included) on two specs.
 """
 
 from __future__ import annotations
@@ -35,5 +36,4 @@ def test_preset_compiles_fullgraph_and_matches_eager(llama, name):
         want_grads = torch.autograd.grad(want.loss, params, allow_unused=True, materialize_grads=True)
         for a, b in zip(grads, want_grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from moa_fx import presets, transform
+from moa_fx import load_spec, presets, transform
 from moa_fx.passes.fuse_shared_input import FUSION_KEY, expand_lora_site, shared_input_projection
 from moa_fx.passes.lower_sparse_dispatch import lowered_lora_site
 from tiny import randomize_adapters, tiny_model, tokens
@@ -27,7 +29,12 @@ def _fused_nodes(moa):
     return [n for n in moa.graph_module.graph.nodes if n.target is shared_input_projection]
 
 
-def _check_equal(model, spec, lower="auto"):
+def _readers(moa) -> list[str]:
+    """The fused readers' roles, e.g. 'LoRA A x1', 'router', 'threshold' (from the pass records)."""
+    return [r.note for r in moa.records if r.pass_name == "fuse_shared_input" and r.note.startswith("one GEMM")]
+
+
+def _check_equal(model, spec, lower="auto", autocast=False):
     ref = transform(model, spec, lower=lower, fuse=False)
     randomize_adapters(ref, std=0.1)
     fused = transform(model, spec, lower=lower, fuse=True)
@@ -36,8 +43,13 @@ def _check_equal(model, spec, lower="auto"):
     ref.eval()
     fused.eval()
     ids = tokens(3, 9)
-    want = ref(input_ids=ids, labels=ids)
-    got = fused(input_ids=ids, labels=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = ref(input_ids=ids, labels=ids)
+        got = fused(input_ids=ids, labels=ids)
+    if autocast:  # the same dtypes node for node, and bf16 rounding apart at most
+        assert got.logits.dtype == want.logits.dtype
+        torch.testing.assert_close(got.logits.float(), want.logits.float(), rtol=0.05, atol=0.05)
+        return fused
     _close(got.logits, want.logits, "logits")
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     for name, a, b in zip(names, _grads(fused, got.loss), _grads(ref, want.loss)):
@@ -57,17 +69,40 @@ def test_fused_equals_unfused_every_preset(llama, name):
 @pytest.mark.parametrize("family", ["qwen3", "gpt2"])
 @pytest.mark.parametrize("name", ["sparse_moa", "adamole"])
 def test_fused_equals_unfused_other_families(family, name):
-    _check_equal(tiny_model(family), name)
+    fused = _check_equal(tiny_model(family), name)
+    notes = " ".join(_readers(fused))
+    assert "router" in notes and "threshold" in notes
+    if family == "qwen3" and name == "sparse_moa":  # q, k, v's LoRA A join the block router's GEMM
+        assert "LoRA A x1, LoRA A x1, LoRA A x1" in notes
+
+
+def _no_dropout(name: str):
+    spec = load_spec(name)
+    return dataclasses.replace(spec, experts=tuple(dataclasses.replace(e, dropout=0.0) for e in spec.experts))
+
+
+@pytest.mark.parametrize("lower", ["off", "dense"])
+def test_hydralora_shared_a_fuses(llama, lower):
+    """HydraLoRA heads share one A (owned by the first head): unlowered heads read it by owner."""
+    fused = _check_equal(llama, _no_dropout("hydralora"), lower=lower)
+    assert any("LoRA A" in n for n in _readers(fused))
 
 
 def test_unlowered_experts_fuse_too(llama):
-    _check_equal(llama, "sparse_moa", lower="off")
+    fused = _check_equal(llama, "sparse_moa", lower="off")
+    assert any("LoRA A, LoRA A, LoRA A" in n for n in _readers(fused))
+
+
+@pytest.mark.parametrize("name", ["sparse_moa", "mole_topk"])
+def test_bf16_autocast_keeps_dtypes(llama, name):
+    """Under bf16 autocast the fused router and threshold give what the modules give (bf16)."""
+    _check_equal(llama, name, autocast=True)
 
 
 def test_sparse_moa_block_is_one_gemm(llama):
     """q, k, v's LoRA A (r 8 each), the block's SwiGLU router (W₁ and W₃: 2 × 4·E = 48 rows, E = 6)
     and the threshold read the attention norm's output: one GEMM of 48+1+8+8+8 columns per layer."""
-    moa = transform(llama, "sparse_moa")
+    moa = transform(llama, "sparse_moa", lower="dense")
     nodes = _fused_nodes(moa)
     assert len(nodes) == llama.config.num_hidden_layers
     for node in nodes:
