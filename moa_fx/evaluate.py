@@ -100,20 +100,20 @@ def budget_spec(method: str) -> Spec:
 
 @dataclasses.dataclass
 class EvalConfig:
-    """One report (the defaults are the reduced configuration of EVALUATION.md, sized for a shared
-    2-core CPU). ``settings`` entries are a task name (trained and scored alone) or ``a+b+c``
+    """One report (the defaults are the configuration of EVALUATION.md: 66 minutes on a free 2-core
+    CPU, within the 90-minute budget). ``settings`` entries are a task name (trained and scored alone) or ``a+b+c``
     (trained on the mixture, scored on each of its tasks)."""
 
     methods: tuple[str, ...] = METHODS
     settings: tuple[str, ...] = ("sports_understanding", "sports_understanding+strategyqa")
-    seeds: tuple[int, ...] = (0, 1)
-    steps: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int | None = None  # default: 10% of the steps
     max_len: int = 64
-    eval_examples: int = 60
-    threads: int = 1  # on a shared CPU one thread is often faster than two (ASSETS.md, section 1)
+    eval_examples: int = 150
+    threads: int = 2  # the cores really free: on a shared CPU one thread is often faster (ASSETS.md, section 1)
     split_seed: int = 0
     isolate: bool = True
     active_examples: int = 48  # held-out examples (prompt + right answer, no padding) for the routing stats
@@ -630,6 +630,18 @@ def markdown_report(results: dict[str, Any]) -> str:
         for n in zero["accuracy"]:
             out.append(f"| {n} | {zero['train_sizes'][n]} | {zero['test_sizes'][n]} | {zero['chance'][n]:.2f} | "
                        f"{zero['accuracy'][n]:.3f} |")
+        out.append("")
+    runs = [r for r in results.get("runs", []) if r.get("first_choice_share")]
+    if runs:
+        # a run that answers (almost) everything with one label has learned the label prior only
+        out += ["### Which label each run picks", "",
+                "Share of held-out predictions that pick the first listed choice (0 or 1: one label for "
+                "everything), and the training loss on the answer tokens (first step → mean of the last 10).",
+                "", "| method | setting | seed | first-choice share | training loss |", "|---|---|---|---|---|"]
+        for r in runs:
+            share = ", ".join(f"{k}: {v:.2f}" for k, v in r["first_choice_share"].items())
+            out.append(f"| {r['method']} | {r['setting']} | {r['seed']} | {share} | "
+                       f"{r['loss_first']:.2f} → {r['loss_last10']:.2f} |")
         out.append("")
     if results.get("failures"):
         out += ["### Failures", ""] + [f"- {f}" for f in results["failures"]] + [""]

@@ -31,7 +31,9 @@ def test_training_lowers_loss_and_keeps_base_weights_bitwise():
     base = {k: v.clone() for k, v in llama.state_dict().items()}
     moa = transform(llama, "adamole")
     before = {k: v.clone() for k, v in moa.adapter_state_dict().items()}
-    opt = torch.optim.AdamW([p for p in moa.parameters() if p.requires_grad], lr=1e-2)
+    params = [p for p in moa.parameters() if p.requires_grad]
+    # lr 3e-3 with clipping: at lr 1e-2 AdaMoLE's loss spikes late in some seeds, fused or not
+    opt = torch.optim.AdamW(params, lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
     moa.train()
@@ -41,6 +43,7 @@ def test_training_lowers_loss_and_keeps_base_weights_bitwise():
         ids = (start + torch.arange(12)) % 8
         out = moa(input_ids=ids, labels=ids)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())

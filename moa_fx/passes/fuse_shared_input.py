@@ -5,8 +5,8 @@ Matches: every node x read by two or more *readers*, each a small projection of 
 - an unlowered LoRA expert without input dropout (``LoraDelta`` / HydraLoRA head): its ``x·Aᵀ``;
 - a router (``Router``): ``W x`` (linear) or ``W₁x`` and ``W₃x`` (SwiGLU);
 - a learned threshold (``Threshold``): ``W_t x``.
-In a LLaMA block with ``sparse_moa``, q, k and v's LoRA experts, the block router and the threshold
-all read the attention norm's output: five GEMMs become one. With ``adamole`` the q, k and v
+In a LLaMA block with ``sparse_moa``, q, k and v's LoRA experts and the block router all read the
+attention norm's output: four GEMMs become one. With ``adamole`` the q, k and v
 routers and thresholds (six GEMMs) become one; its experts keep their own dropped inputs.
 Emits: ``z = shared_input_projection(x, [W…], sizes)`` (one ``torch.cat`` of the stacked weights,
 one GEMM, one split) after x, a ``getitem`` per reader, and each reader rebuilt on its piece:
@@ -16,8 +16,9 @@ the same parameters (read through ``get_attr``), so state dicts and gradients ar
 results equal the unfused graph's up to rounding: the GEMM's summation order, and in bf16 the
 rank-space ``z`` is rounded to bf16 before gating (the unfused mixture kernel keeps it in fp32).
 Kept apart (recorded with the reason): the grouped LoRA form (it computes A only at active pairs),
-experts with input dropout (each reads its own dropped copy of x), and weights whose dtype differs
-from x's. Records: one PassRecord per fused group.
+experts with input dropout (each reads its own dropped copy of x), a threshold under MoA's rule (it
+gets no gradient, so its ``.grad`` must stay None, not become zeros), and weights whose dtype
+differs from x's. Records: one PassRecord per fused group.
 """
 
 from __future__ import annotations
@@ -149,12 +150,20 @@ def _module_reader(ctx: PassContext, node: fx.Node) -> Reader | str | None:
             return Reader(node, [f"{t}.proj.weight"], module.proj.out_features, rebuild, "router")
 
         def rebuild(ctx, old, piece):
-            args = [_param(ctx, f"{t}.{name}", old, _site(old)) for name in ("w2.weight", "w1.bias", "w3.bias", "w2.bias")]
+            names = ("w2.weight", "w1.bias", "w3.bias", "w2.bias")
+            args = [_param(ctx, f"{t}.{name}", old, _site(old)) for name in names]
             return new_node(ctx, "call_function", router_from_projection, (piece, None, *args), anchor=old,
-                            pass_name=PASS, site=_site(old), role="SwiGLU router logits (fused)", val=old.meta.get("val"))
+                            pass_name=PASS, site=_site(old), role="SwiGLU router logits (fused)",
+                            val=old.meta.get("val"))
 
         return Reader(node, [f"{t}.w1.weight", f"{t}.w3.weight"], 2 * module.w1.out_features, rebuild, "router")
     if isinstance(module, Threshold):
+        if ctx.spec.router.threshold.rule != "adamole":
+            # MoA's rule: τ only selects, so W_t and b_t get no gradient (.grad stays None and AdamW
+            # skips them). Inside a shared GEMM they would get zero gradients instead, which
+            # AdamW's weight decay acts on: a different training run. So τ keeps its own GEMM.
+            return "threshold under MoA's rule gets no gradient; fused, its weights would get zeros"
+
         def rebuild(ctx, old, piece):
             bias = _param(ctx, f"{t}.proj.bias", old, _site(old))
             return new_node(ctx, "call_function", threshold_from_projection, (piece, bias, float(module.tau_max)),

@@ -13,7 +13,7 @@ def test_tree_collapses_repeated_blocks(cli):
 
 
 def test_table_after_spec_filters_and_provenance(cli):
-    code, out, _ = cli("dump", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--view", "table",
+    code, out, _ = cli("dump", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--no-fuse", "--view", "table",
                        "--module", "model.layers.0.self_attn.q_proj")
     assert code == 0
     assert "insert_lora_experts" in out and "insert_routers" in out
@@ -31,7 +31,8 @@ def test_json_ids_are_stable_and_inputs_by_id(cli_json):
     assert all(i in ids for n in a["nodes"] for i in n["inputs"])
     made = [n for n in a["nodes"] if n["provenance"]]
     assert made and all({"pass", "site"} <= set(n["provenance"][0]) for n in made)
-    assert {n["provenance"][0]["pass"] for n in made} == {"insert_lora_experts", "insert_routers"}
+    # AdaMoLE's routers and thresholds at q, k, v read one input: fuse_shared_input gives them one GEMM
+    assert {n["provenance"][0]["pass"] for n in made} == {"insert_lora_experts", "insert_routers", "fuse_shared_input"}
 
 
 def test_after_pass_stops_the_pipeline(cli_json):
