@@ -407,6 +407,7 @@ def memory_child(args, device: str) -> None:
     bench = Bench(args, device)
     step = bench.build(args.child_memory)
     before = common.rss_now()
+    reset = common.reset_rss_peak()  # the peak then covers the steps only, not building the models
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -414,7 +415,7 @@ def memory_child(args, device: str) -> None:
     for _ in range(3):
         step()
     result = {"variant": args.child_memory, "rss_before": before, "rss_peak": common.rss_peak(),
-              "delta": common.rss_peak() - before}
+              "delta": common.rss_peak() - before, "peak_reset_before_steps": reset}
     if device == "cuda":
         torch.cuda.synchronize()
         result["cuda_peak"] = torch.cuda.max_memory_allocated()

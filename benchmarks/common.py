@@ -466,8 +466,31 @@ def rss_now() -> int:
 
 
 def rss_peak() -> int:
-    """High-water mark of the resident set size of this process in bytes (Linux: KiB units)."""
+    """High-water mark of the resident set size of this process in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status, which belongs to this process's own address space.
+    ``getrusage``'s ``ru_maxrss`` is only the fallback: after fork + exec it still carries the
+    parent's peak, so every benchmark subprocess would report at least the parent's RSS.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux: ``5`` into /proc/self/clear_refs), so that
+    :func:`rss_peak` covers only what runs after. False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
