@@ -16,7 +16,6 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 
 from moa_fx import capture, transform
 from moa_fx.cli import main
@@ -25,7 +24,7 @@ from moa_fx.runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MoAModel
 from moa_fx.sites import find_sites
 from moa_fx.spec import load_spec
 from moa_fx.train import CHECKPOINT_DIR, STATE_FILE
-from tiny import randomize_adapters, tiny_model, tokens
+from tiny import TinyMLP, randomize_adapters, tiny_model, tokens
 
 
 @pytest.fixture(autouse=True)
@@ -179,20 +178,10 @@ def test_bad_lm_input(moa, kwargs, fragment):
     assert fragment in str(info.value)
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.down = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
 @pytest.fixture(scope="module")
 def plain():
     torch.manual_seed(0)
-    return transform(MLP().eval(), lora_at("up", "down", r=2), example_inputs=(torch.randn(3, 5, 8),))
+    return transform(TinyMLP().eval(), lora_at("up", "down", r=2), example_inputs=(torch.randn(3, 5, 8),))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

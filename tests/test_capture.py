@@ -9,7 +9,7 @@ from torch import nn
 from moa_fx import capture, transform
 from moa_fx.errors import CaptureError, InputError
 from moa_fx.sites import linear_sites
-from tiny import FAMILIES, tiny_model, tokens
+from tiny import FAMILIES, TinyMLP, tiny_model, tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,17 +37,8 @@ def test_linear_sites_carry_module_paths():
 
 
 def test_plain_module_captures_and_transforms():
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = nn.Linear(8, 16)
-            self.down = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(x)))
-
     torch.manual_seed(0)
-    mlp = MLP().eval()
+    mlp = TinyMLP().eval()
     x = torch.randn(3, 5, 8)
     with pytest.raises(CaptureError, match="pass example_inputs"):
         capture(mlp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -59,3 +60,15 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.2) -> None:
     with torch.no_grad():
         for p in model.adapters.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class TinyMLP(nn.Module):
+    """A plain nn.Module (no transformers): 8 → 16 → relu → 4, projections named ``up`` and ``down``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))

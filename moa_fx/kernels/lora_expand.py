@@ -21,13 +21,12 @@ import torch
 from torch import Tensor
 
 from moa_fx.errors import KernelError
-from moa_fx.kernels.lora_mixture import (device_guard, dot_in_fp32, dot_precision, expand_backward,
+from moa_fx.kernels.lora_mixture import (check_2d_float, device_guard, dot_in_fp32, dot_precision, expand_backward,
                                          next_power_of_2, resolve_backend, runnable_kernel, triton)
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
 
 __all__ = ["lora_expand", "lora_expand_forward"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- 1. Triton kernel -------------------------------------------------------------------------
 
@@ -66,15 +65,7 @@ def check_expand_inputs(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ra
                         scales: Sequence[float]) -> None:
     """Raise KernelError naming the first input whose shape, dtype or device does not fit."""
     named = {"y": y, "z": z, "b_cat": b_cat, "weights": weights}
-    for name, t in named.items():
-        if t.dim() != 2:
-            raise KernelError(f"lora_expand: {name} has shape {tuple(t.shape)}; it must be 2-D. "
-                              "Flatten leading dims first, e.g. z.reshape(-1, z.shape[-1]).")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise KernelError(f"lora_expand: {name} has dtype {t.dtype}; use float32, bfloat16 or float16.")
-        if t.device != y.device:
-            raise KernelError(f"lora_expand: {name} is on {t.device} but y is on {y.device}; "
-                              "move all inputs to one device.")
+    check_2d_float("lora_expand", named, "z")
     if b_cat.dtype != y.dtype:
         raise KernelError(f"lora_expand: b_cat has dtype {b_cat.dtype} but y has {y.dtype}; cast b_cat to y's "
                           "dtype (z and weights may be fp32).")

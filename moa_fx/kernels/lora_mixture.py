@@ -216,18 +216,25 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def check_inputs(op: str, y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
-                 ranks: Sequence[int], scales: Sequence[float]) -> None:
-    """Raise KernelError naming the first tensor whose shape, dtype or device does not fit."""
-    named = {"y": y, "x": x, "a_cat": a_cat, "b_cat": b_cat, "weights": weights}
+def check_2d_float(op: str, named: dict[str, Tensor], example: str) -> None:
+    """Raise KernelError naming the first of ``named`` (y first) that is not a 2-D float tensor on
+    y's device; ``example`` names the tensor the flattening hint shows."""
+    y = named["y"]
     for name, t in named.items():
         if t.dim() != 2:
             raise KernelError(f"{op}: {name} has shape {tuple(t.shape)}; it must be 2-D. "
-                              "Flatten leading dims first, e.g. x.reshape(-1, x.shape[-1]).")
+                              f"Flatten leading dims first, e.g. {example}.reshape(-1, {example}.shape[-1]).")
         if t.dtype not in _FLOAT_DTYPES:
             raise KernelError(f"{op}: {name} has dtype {t.dtype}; use float32, bfloat16 or float16.")
         if t.device != y.device:
             raise KernelError(f"{op}: {name} is on {t.device} but y is on {y.device}; move all inputs to one device.")
+
+
+def check_inputs(op: str, y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
+                 ranks: Sequence[int], scales: Sequence[float]) -> None:
+    """Raise KernelError naming the first tensor whose shape, dtype or device does not fit."""
+    named = {"y": y, "x": x, "a_cat": a_cat, "b_cat": b_cat, "weights": weights}
+    check_2d_float(op, named, "x")
     for name in ("x", "a_cat", "b_cat"):
         if named[name].dtype != y.dtype:
             raise KernelError(f"{op}: {name} has dtype {named[name].dtype} but y has {y.dtype}; "

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..kernels import lora_expand
 from ..modules import LoraDelta, Router, SharedALoraDelta, Threshold
 from .base import PassContext, PassRecord, new_node
-from .lower_sparse_dispatch import LOWERING_KEY, lowered_lora_site, site_weights
+from .lower_sparse_dispatch import LOWERING_KEY, lowered_lora_site, shared_a_target, site_weights
 
 __all__ = ["fuse_shared_input", "shared_input_projection", "expand_lora_site", "FUSION_KEY"]
 
@@ -130,7 +130,7 @@ def _module_reader(ctx: PassContext, node: fx.Node) -> Reader | str | None:
     if isinstance(module, (LoraDelta, SharedALoraDelta)):
         if not isinstance(module.dropout, torch.nn.Identity):
             return "LoRA expert with input dropout reads its own dropped copy of x"
-        a_target = f"{t}.lora_A" if "lora_A" in module._parameters else _owner_a(ctx, module)
+        a_target = f"{t}.lora_A" if "lora_A" in module._parameters else shared_a_target(ctx, module)
 
         def rebuild(ctx, old, piece):
             b = _param(ctx, f"{t}.lora_B", old, _site(old))
@@ -175,14 +175,6 @@ def _module_reader(ctx: PassContext, node: fx.Node) -> Reader | str | None:
 
 
 READERS = (_lowered_site, _module_reader)  # each: node -> Reader, a reason it cannot fuse, or None
-
-
-def _owner_a(ctx: PassContext, module: SharedALoraDelta) -> str:
-    owner = module._shared[0]
-    for name, m in ctx.gm.named_modules():
-        if m is owner:
-            return f"{name}.lora_A"
-    raise KeyError("shared LoRA A owner is not installed in the graph module")
 
 
 def _input_of(node: fx.Node) -> fx.Node | None:

@@ -26,7 +26,8 @@ from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
 from .base import PassContext, PassRecord, new_node
 
-__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "site_weights", "plan_lowering", "decide", "NOMINAL_TOKENS", "LOWERING_KEY"]
+__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "site_weights", "shared_a_target", "plan_lowering", "decide",
+           "NOMINAL_TOKENS", "LOWERING_KEY"]
 
 PASS = "lower_sparse_dispatch"
 LOWERING_KEY = "moa_fx.lowering"
@@ -133,7 +134,7 @@ def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
             params = []
             for d, m in zip(deltas, modules):
                 a_name = "lora_A" if "lora_A" in m._parameters else None
-                a_target = f"{d.target}.{a_name}" if a_name else _shared_a_target(ctx, m)
+                a_target = f"{d.target}.{a_name}" if a_name else shared_a_target(ctx, m)
                 for target in (a_target, f"{d.target}.lora_B"):
                     p = new_node(ctx, "get_attr", target, (), anchor=y, pass_name=PASS, site=site, role="expert weight")
                     params.append(p)
@@ -160,7 +161,8 @@ def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
         ctx.records.append(PassRecord(PASS, site, added, f"{chosen}: {reason}"))
 
 
-def _shared_a_target(ctx: PassContext, module: SharedALoraDelta) -> str:
+def shared_a_target(ctx: PassContext, module: SharedALoraDelta) -> str:
+    """The ``get_attr`` target of a HydraLoRA head's shared A (owned by the site's first head)."""
     owner = module._shared[0]
     for name, m in ctx.gm.named_modules():
         if m is owner:
