@@ -167,3 +167,31 @@ def test_grouped_sites_are_kept_with_a_reason(llama):
     notes = [r.note for r in moa.records if r.pass_name == "fuse_shared_input"]
     assert any("grouped LoRA form computes A only at active pairs" in n for n in notes)
     assert not [n for n in moa.graph_module.graph.nodes if n.target is expand_lora_site]
+
+
+def test_rebuilt_router_and_threshold_equal_their_modules_under_autocast():
+    """Each rebuilt reader against the module it replaces, on random weights, fp32 and bf16 autocast:
+    same values and the same dtype (nn.Linear adds its fp32 bias in the autocast dtype)."""
+    from moa_fx.modules import Router, Threshold
+    from moa_fx.passes.fuse_shared_input import router_from_projection, threshold_from_projection
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    linear, swiglu, tau = Router(16, 6, "linear", bias=True), Router(16, 6, "swiglu"), Threshold(16, 0.5)
+    with torch.no_grad():
+        for p in (*linear.parameters(), *swiglu.parameters(), *tau.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            pairs = [
+                (linear(x),
+                 router_from_projection(torch.nn.functional.linear(x, linear.proj.weight), linear.proj.bias)),
+                (swiglu(x), router_from_projection(
+                    torch.nn.functional.linear(x, torch.cat([swiglu.w1.weight, swiglu.w3.weight])), None,
+                    swiglu.w2.weight, swiglu.w1.bias, swiglu.w3.bias, swiglu.w2.bias)),
+                (tau(x), threshold_from_projection(torch.nn.functional.linear(x, tau.proj.weight), tau.proj.bias, 0.5)),
+            ]
+        for want, got in pairs:
+            assert got.dtype == want.dtype
+            tol = dict(rtol=2e-2, atol=2e-2) if enabled else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.float(), want.float(), **tol)
