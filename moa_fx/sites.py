@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch.fx as fx
 
 from .errors import SiteMatchError
 from .graph import all_module_paths, layer_index, module_path, module_paths
-from .spec import ExpertSpec, LoraExpert, ParallelAdapterExpert, PromptExpert, Spec
+from .spec import ExpertSpec, LoraExpert, ParallelAdapterExpert, PromptExpert, Spec, check_pattern
 
 __all__ = [
     "LinearSite",
@@ -56,17 +57,22 @@ aten = torch.ops.aten
 
 # Projection roles: the same name on every architecture. Fused projections (GPT-2's c_attn,
 # Phi-3's qkv_proj, NeoX's query_key_value) serve q, k and v at once: a rule naming all three
-# places one expert there.
+# places one expert there. The names behind each role:
+#   LLaMA family: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+#   GPT-2 / StarCoder: attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj     Phi-3: qkv_proj gate_up_proj
+#   GPT-NeoX, BLOOM, Falcon: query_key_value dense dense_h_to_4h dense_4h_to_h
+#   GPT-J, CodeGen: attn.q_proj attn.out_proj mlp.fc_in mlp.fc_out       OPT, Phi-2: out_proj/dense fc1 fc2
+#   MPT: Wqkv out_proj ffn.up_proj ffn.down_proj   Baichuan: W_pack   InternLM2: wqkv wo w1 w3 w2
 ROLES: dict[str, tuple[str, ...]] = {
-    "q": ("*.q_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
-    "k": ("*.k_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
-    "v": ("*.v_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv"),
+    "q": ("*.q_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
+    "k": ("*.k_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
+    "v": ("*.v_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
     "o": ("*.o_proj", "*.attn.c_proj", "*.self_attn.out_proj", "*.attention.dense", "*.self_attention.dense",
-          "*.self_attn.dense", "*.attn.out_proj"),
+          "*.self_attn.dense", "*.attn.out_proj", "*.attention.wo"),
     "gate": ("*.gate_proj", "*.gate_up_proj", "*.w1"),
-    "up": ("*.up_proj", "*.gate_up_proj", "*.mlp.c_fc", "*.dense_h_to_4h", "*.fc1", "*.w3"),
-    "down": ("*.down_proj", "*.mlp.c_proj", "*.dense_4h_to_h", "*.fc2", "*.w2"),
-    "mlp": ("*.mlp", "*.feed_forward", "*.block_sparse_moe"),
+    "up": ("*.up_proj", "*.gate_up_proj", "*.mlp.c_fc", "*.dense_h_to_4h", "*.fc1", "*.mlp.fc_in", "*.w3"),
+    "down": ("*.down_proj", "*.mlp.c_proj", "*.dense_4h_to_h", "*.fc2", "*.mlp.fc_out", "*.w2"),
+    "mlp": ("*.mlp", "*.feed_forward", "*.block_sparse_moe", "*.ffn"),
     "attn": ("*.self_attn", "*.attn", "*.attention", "*.self_attention"),
 }
 
@@ -101,6 +107,7 @@ class SpanSite:
     output: str
     dim: int
     layer: int | None
+    note: str = ""  # how the input was chosen when the module takes several tensors of the output's shape
 
     kind = "span"
 
@@ -159,6 +166,7 @@ class SitePlan:
     placements: list[Placement]
     blocks: dict[str, BlockScope] = field(default_factory=dict)
     matches: dict[str, list[str]] = field(default_factory=dict)  # rule name -> matched paths
+    notes: dict[str, list[str]] = field(default_factory=dict)  # a choice made for the user -> the paths it concerns
 
     def by_rule(self, name: str) -> list[Placement]:
         return [p for p in self.placements if p.rule.name == name]
@@ -183,12 +191,18 @@ def _expand(pattern: str) -> list[tuple[str, int]]:
     return [(pattern, 3)]
 
 
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern:
+    """A ``re:`` pattern compiled after :func:`~moa_fx.spec.check_pattern` found it safe to backtrack on."""
+    return re.compile(check_pattern("pattern", pattern)[3:])
+
+
 def match_rank(pattern: str, path: str) -> int:
     """0 if ``pattern`` does not match ``path``, else its precedence rank (higher wins)."""
     best = 0
     for pat, rank in _expand(pattern):
         if rank == 1:
-            ok = re.fullmatch(pat[3:], path) is not None
+            ok = _regex(pat).fullmatch(path) is not None
         elif rank == 2:
             ok = fnmatch.fnmatchcase(path, pat)
         else:
@@ -229,30 +243,30 @@ def _shape(node: fx.Node) -> tuple:
 _TRANSPOSES = (aten.t.default, aten.transpose.int, aten.numpy_T.default)
 
 
+def _projection_weight(node: fx.Node) -> tuple[fx.Node, str, str] | None:
+    """(input, weight name, op) when ``node`` projects against a module weight, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.linear.default and _param_name(node.args[1]):
+        return node.args[0], _param_name(node.args[1]), "linear"
+    if node.target == aten.addmm.default and _param_name(node.args[2]):
+        return node.args[1], _param_name(node.args[2]), "addmm"  # GPT-2 Conv1D: weight is (d_in, d_out)
+    if node.target in (aten.matmul.default, aten.mm.default) and isinstance(node.args[1], fx.Node) \
+            and node.args[1].op == "call_function" and node.args[1].target in _TRANSPOSES \
+            and _param_name(node.args[1].args[0]):
+        return node.args[0], _param_name(node.args[1].args[0]), "matmul"  # x @ W.T (Falcon's FalconLinear)
+    return None
+
+
 def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     """Every projection against a module weight, in graph order."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        found = _projection_weight(node)
+        if found is None:
             continue
-        site = None
-        if node.target == aten.linear.default and _param_name(node.args[1]):
-            w = _param_name(node.args[1])
-            d_out, d_in = _param_shape(gm, w)
-            site = (node.args[0], w, d_in, d_out, "linear")
-        elif node.target == aten.addmm.default and _param_name(node.args[2]):
-            w = _param_name(node.args[2])  # GPT-2 Conv1D: weight is (d_in, d_out)
-            d_in, d_out = _param_shape(gm, w)
-            site = (node.args[1], w, d_in, d_out, "addmm")
-        elif node.target in (aten.matmul.default, aten.mm.default) and isinstance(node.args[1], fx.Node) \
-                and node.args[1].op == "call_function" and node.args[1].target in _TRANSPOSES \
-                and _param_name(node.args[1].args[0]):
-            w = _param_name(node.args[1].args[0])  # x @ W.T (Falcon's FalconLinear: numpy_T)
-            d_out, d_in = _param_shape(gm, w)
-            site = (node.args[0], w, d_in, d_out, "matmul")
-        if site is None:
-            continue
-        x, w, d_in, d_out, op = site
+        x, w, op = found
+        d_in, d_out = _param_shape(gm, w)[::-1] if op != "addmm" else _param_shape(gm, w)
         path = module_path(node) or w.rsplit(".", 1)[0]
         sites.append(LinearSite(path=path, node=node.name, input=x.name, weight=w, d_in=d_in, d_out=d_out,
                                 layer=layer_index(path), op=op))
@@ -287,17 +301,48 @@ def span_site(gm: fx.GraphModule, path: str) -> SpanSite | None:
                 inputs.setdefault(a, None)
     # a dtype cast of the span's input that the outside also reads (export records the residual
     # as reading RMSNorm's no-op `.to(float32)`) is the input itself, not a span output
+    # ... and a KV-cache tensor a cached capture returns (moa_fx.capture.CACHE_KEY) leaves the block
+    # as a cache entry, not as the span's output
     outputs = [n for n in nodes if any(u not in inside for u in n.users) and isinstance(n.meta.get("val"), torch.Tensor)
-               and not (n.target in _CASTS and isinstance(n.args[0], fx.Node) and n.args[0] not in inside)]
+               and not (n.target in _CASTS and isinstance(n.args[0], fx.Node) and n.args[0] not in inside)
+               and not n.meta.get("moa_fx.cache")]
     if len(outputs) != 1:
         return None
     out = outputs[0]
     out_shape = _shape(out)
     cands = [i for i in inputs if _shape(i) == out_shape]
+    note = ""
+    if len(cands) > 1:  # BLOOM's MLP takes the hidden states and the residual: read what its projections read
+        first, chosen = _first_projection_input(nodes, cands)
+        if chosen is None:
+            return None
+        cands = [chosen]
+        note = (f"the module takes {len(inputs)} tensors; reading the one that feeds its first projection "
+                f"({module_path(first).rsplit('.', 1)[-1]})")
     if len(cands) != 1:
         return None
     return SpanSite(path=path, input=cands[0].name, output=out.name, dim=int(out_shape[-1]),
-                    layer=layer_index(path))
+                    layer=layer_index(path), note=note)
+
+
+def _first_projection_input(nodes: list[fx.Node], cands: list[fx.Node]) -> tuple[Any, fx.Node | None]:
+    """(the first projection inside the span, the one candidate input it reads), following ops inside
+    the span upwards; (…, None) when there is no projection or it reads several candidates."""
+    inside = set(nodes)
+    first = next((n for n in nodes if _projection_weight(n)), None)
+    if first is None:
+        return None, None
+    found, frontier, seen = set(), [a for a in first.all_input_nodes if a.op != "get_attr"], set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in cands:
+            found.add(n)
+        elif n in inside:
+            frontier.extend(a for a in n.all_input_nodes if a.op != "get_attr")
+    return first, (found.pop() if len(found) == 1 else None)
 
 
 def block_scope(gm: fx.GraphModule, path: str) -> BlockScope | None:
@@ -377,6 +422,7 @@ def _attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> Atte
 
 
 _MATMULS = {aten.matmul.default, aten.bmm.default}
+_SCORE_MATMULS = _MATMULS | {aten.baddbmm.default}
 _SOFTMAXES = {aten.softmax.int, aten._softmax.default}
 
 
@@ -402,15 +448,16 @@ def _eager_attention(nodes: list[fx.Node]):
     # back from the softmax to the q @ kᵀ matmul (through the mask add, the scale, casts)
     scores = probs.args[0]
     for _ in range(6):
-        if scores.target in _MATMULS:
+        if scores.target in _SCORE_MATMULS:
             break
         inputs = [a for a in scores.all_input_nodes if a.op == "call_function"]
         if not inputs:
             return None
         scores = inputs[0]
-    if scores.target not in _MATMULS:
+    if scores.target not in _SCORE_MATMULS:
         return None
-    q, kt = scores.args[:2]
+    # baddbmm(bias, q, kᵀ): BLOOM adds its ALiBi bias in the scores' matmul
+    q, kt = scores.args[1:3] if scores.target == aten.baddbmm.default else scores.args[:2]
     if not (isinstance(kt, fx.Node) and kt.target in (aten.transpose.int, aten.permute.default)):
         return None
     return out, q, kt.args[0], v
@@ -529,14 +576,15 @@ def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
     claims: dict[tuple[str, str], list[tuple[int, ExpertSpec, str]]] = {}
     matched: dict[str, list[str]] = {r.name: [] for r in spec.experts}
     sites: dict[tuple[str, str], Any] = {}
+    notes: dict[str, list[str]] = {}
     for rule in spec.experts:
-        hit_any = False
+        hit: set[str] = set()
         for path, site in _candidates(gm, rule, linears):
             ranks = [(match_rank(p, path), p) for p in rule.patterns]
             rank, pat = max(ranks)
             if rank == 0:
                 continue
-            hit_any = True
+            hit.update(p for r, p in ranks if r)
             if _excluded(rule, path) or not _layer_ok(rule, spec, path):
                 continue
             if site is None:
@@ -549,8 +597,13 @@ def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
             key = (rule.kind, site.node if hasattr(site, "node") else site.output)
             sites[key] = site
             claims.setdefault(key, []).append((rank, rule, pat))
-        if not hit_any and not rule.optional:
-            raise _no_match(rule, all_paths, linears)
+            if getattr(site, "note", ""):
+                notes.setdefault(f"expert '{rule.name}': {site.note}", []).append(path)
+        # every pattern must match: a rule whose '@down' finds nothing while '@q' does would adapt
+        # the model only partly, and silently
+        missing = [p for p in rule.patterns if p not in hit]
+        if missing and not rule.optional:
+            raise _no_match(rule, all_paths, linears, missing, gm)
     placements = []
     for key, entries in claims.items():
         entries.sort(key=lambda e: -e[0])
@@ -584,12 +637,13 @@ def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
                     raise SiteMatchError(f"block '{bpath}' has no single input tensor to route on; "
                                          "choose a router.scope whose modules are whole decoder blocks")
                 if router.input == "normed" and scope.normed is None:
-                    raise SiteMatchError(f"block '{bpath}' has no normalisation module on its input; "
-                                         "set router.input = 'raw'")
+                    # OLMo2 normalises after attention and MLP: no input norm to read
+                    notes.setdefault("router: the block has no normalisation module on its input; the router "
+                                     "reads the raw block input (router.input = 'raw')", []).append(bpath)
                 blocks[bpath] = scope
             placed.append(dataclasses.replace(p, block=bpath))
         placements = placed
-    return SitePlan(placements=placements, blocks=blocks, matches=matched)
+    return SitePlan(placements=placements, blocks=blocks, matches=matched, notes=notes)
 
 
 def _block_of(scope: str, path: str) -> str | None:
@@ -604,23 +658,34 @@ def _block_of(scope: str, path: str) -> str | None:
     return None
 
 
-def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite]) -> SiteMatchError:
+def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite],
+              patterns: list[str], gm: fx.GraphModule) -> SiteMatchError:
+    """The error for ``patterns`` of ``rule`` that matched nothing, with the nearest module paths."""
     pool = [s.path for s in linears] if isinstance(rule, LoraExpert) else \
         [p for p in all_paths if p and not any(part.startswith("_") for part in p.split("."))]  # export's hooks
     # compare the last components first: '*.qproj' should find 'model.layers.0.self_attn.q_proj'
     tails = sorted({p.rsplit(".", 1)[-1] for p in pool})
     hints: list[str] = []
-    for pat in rule.patterns:
+    for pat in patterns:
         stem = pat.rsplit(".", 1)[-1].strip("*?@")
         for t in difflib.get_close_matches(stem, tails, n=3, cutoff=0.5):
             hints.append(f"'*.{t}'")
     example = next((p for p in pool if hints and p.endswith(hints[0].strip("'*"))), pool[0] if pool else "")
     near = ", ".join(dict.fromkeys(hints)) or ", ".join(f"'{p}'" for p in difflib.get_close_matches(
-        rule.patterns[0], pool, n=3, cutoff=0.3))
+        patterns[0], pool, n=3, cutoff=0.3))
     kind = "linear projection" if isinstance(rule, LoraExpert) else "module"
-    roles = [p for p in rule.patterns if p.startswith("@")]
+    roles = [p for p in patterns if p.startswith("@")]
     why = "".join(f"; {r} stands for {', '.join(repr(g) for g in ROLES[r[1:]])} and this model has none of them"
                   for r in roles if r[1:] in ROLES)
+    if isinstance(rule, LoraExpert):  # Mixtral's experts: one (E, d_out, d_in) weight, no linear op per expert
+        fused = [n for n, p in gm.named_parameters() if p.dim() == 3
+                 and any(match_rank(pat, n) for pat in patterns)]
+        if fused:
+            why += (f"; '{fused[0]}' is a fused 3-D expert weight ({len(fused)} such), not a linear "
+                    "projection LoRA can adapt")
+    others = [p for p in rule.patterns if p not in patterns]
+    partly = f" (its other patterns {others} did: the rule would adapt the model only in part)" if others else ""
     guess = f"did you mean {near}? (e.g. '{example}'; " if near else f"candidates include '{example}' ("
-    return SiteMatchError(f"expert '{rule.name}': pattern {list(rule.patterns)} matched no {kind}{why}; "
-                          f"{guess}{len(pool)} candidates; set optional = true to allow no match)")
+    fix = "remove the pattern or set optional = true" if others else "set optional = true to allow no match"
+    return SiteMatchError(f"expert '{rule.name}': pattern {list(patterns)} matched no {kind}{partly}{why}; "
+                          f"{guess}{len(pool)} candidates; {fix})")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import tomllib
 import types
@@ -47,6 +48,7 @@ __all__ = [
     "spec_to_dict",
     "spec_reference",
     "spec_to_toml",
+    "check_pattern",
 ]
 
 
@@ -66,13 +68,91 @@ def _check_choice(where: str, value: Any, choices: tuple) -> None:
         raise _fail(where, value, "choose one of " + ", ".join(repr(c) for c in choices))
 
 
-def _as_patterns(where: str, value: Any) -> tuple[str, ...]:
+MAX_PATTERN_LENGTH = 200
+MAX_REGEX_REPEATS = 3  # a regex's matching time grows as (path length)^(repeats): keep it small
+
+
+def check_pattern(where: str, pattern: Any) -> str:
+    """Refuse a pattern that is not a non-empty string, is too long, or (``re:``) is a regex whose
+    matching can blow up. Python's ``re`` backtracks: ``(.*)*x`` takes exponential time on a path
+    that does not match, so nested quantifiers, quantified alternations and back-references are
+    refused, and at most :data:`MAX_REGEX_REPEATS` quantifiers are allowed (globs are matched with
+    atomic groups and are linear). Every pattern passes here before it reaches ``re``: spec files,
+    adapter directories' configs and :func:`moa_fx.sites.match_rank` alike."""
+    if not isinstance(pattern, str) or not pattern:
+        raise _fail(where, pattern, "each pattern must be a non-empty string")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise _fail(where, pattern[:40] + "...", f"a pattern may have at most {MAX_PATTERN_LENGTH} characters "
+                    f"(this one has {len(pattern)})")
+    if pattern.startswith("re:"):
+        problem = _regex_problem(pattern[3:])
+        if problem:
+            raise _fail(where, pattern, f"this regular expression {problem}",
+                        "write it without nested or repeated groups, or use a glob such as 'model.layers.*.q_proj'")
+    return pattern
+
+
+def _regex_problem(regex: str) -> str | None:
+    import re
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+
+    try:
+        tree = sre_parse.parse(regex)
+        re.compile(regex)
+    except (re.error, RecursionError, OverflowError) as err:
+        return f"does not compile ({err})"
+    names = sre_parse
+    repeats = (names.MAX_REPEAT, names.MIN_REPEAT) + ((names.POSSESSIVE_REPEAT,) if hasattr(names, "POSSESSIVE_REPEAT") else ())
+    count = 0
+
+    def subpatterns(av: Any):
+        if isinstance(av, sre_parse.SubPattern):
+            yield av
+        elif isinstance(av, (tuple, list)):
+            for a in av:
+                yield from subpatterns(a)
+
+    def walk(sub, inside_repeat: bool) -> str | None:
+        nonlocal count
+        for op, av in sub.data:
+            if op in (names.GROUPREF, names.GROUPREF_EXISTS):
+                return "uses a back-reference (which needs backtracking)"
+            repeated = op in repeats and av[1] > 1
+            if repeated:
+                if inside_repeat:
+                    return "has a nested quantifier, as in '(a+)+' or '(.*)*' (exponential backtracking)"
+                count += 1
+            if op == names.BRANCH and inside_repeat:
+                return "repeats an alternation, as in '(a|ab)*' (exponential backtracking)"
+            for child in subpatterns(av):
+                found = walk(child, inside_repeat or repeated)
+                if found:
+                    return found
+        return None
+
+    found = walk(tree, False)
+    if found is None and count > MAX_REGEX_REPEATS:
+        found = (f"has {count} quantifiers; at most {MAX_REGEX_REPEATS} are allowed (matching time grows as "
+                 "path length to that power)")
+    return found
+
+
+def _as_patterns(where: str, value: Any, one_string: bool = True) -> tuple[str, ...]:
+    """A pattern list. ``one_string``: a bare string is one pattern (``at = "*.q_proj"``); otherwise
+    (``exclude``, which may be empty) a string is refused: iterating it would give one pattern per
+    character."""
     if isinstance(value, str):
+        if not one_string:
+            raise _fail(where, value, "give a list of patterns, not a string",
+                        f"write {where.rsplit('.', 1)[-1]} = [{value!r}]")
         value = (value,)
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) and p for p in value):
+    if not isinstance(value, (list, tuple)) or (one_string and not value):
         raise _fail(where, value, "give a module-path glob such as '*.q_proj' or a list of them "
                     "(prefix 're:' for a regular expression)")
-    return tuple(value)
+    return tuple(check_pattern(where, p) for p in value)
 
 
 def _as_layers(where: str, value: Any) -> tuple[int, ...] | None:
@@ -98,14 +178,45 @@ def _positive_int(where: str, value: Any) -> None:
         raise _fail(where, value, "it must be a positive integer")
 
 
-def _non_negative_float(where: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-        raise _fail(where, value, "it must be a number >= 0")
+def _number(where: str, value: Any, interval: str) -> None:
+    """``value`` is a finite real number (not a bool) inside ``interval``, written as ``"[0, 1)"``,
+    ``"(0, 1]"``, ``"(0, inf)"`` or ``"[0, inf)"``; NaN and ±inf never pass."""
+    lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        if math.isinf(hi):
+            raise _fail(where, value, f"it must be a finite number {'>' if lo_open else '>='} {lo:g}")
+        raise _fail(where, value, f"it must be in {interval}")
+
+
+def _check_name(where: str, value: Any) -> None:
+    """Expert names become module-path components (``<site>.<name>.<i>``): an identifier that is not
+    an attribute every module has (``weight``, ``bias``, ``forward``, ...)."""
+    import torch
+
+    if not isinstance(value, str) or not value.isidentifier() or len(value) > 64:
+        raise _fail(where, value, "an expert name must be an identifier of at most 64 characters "
+                    "(letters, digits, '_'; it becomes part of parameter names)")
+    if hasattr(torch.nn.Linear(1, 1, device="meta"), value):
+        raise _fail(where, value, "it collides with an attribute of torch modules", "choose another name")
 
 
 # --------------------------------------------------------------------------------------------------
 # Expert kinds
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_rule(rule: Any, patterns: str) -> None:
+    """The fields every expert kind has: its patterns, exclude, layers, optional and name."""
+    where = f"expert.{rule.kind}"
+    object.__setattr__(rule, patterns, _as_patterns(f"{where}.{patterns}", getattr(rule, patterns)))
+    object.__setattr__(rule, "exclude", _as_patterns(f"{where}.exclude", rule.exclude, one_string=False))
+    object.__setattr__(rule, "layers", _as_layers(f"{where}.layers", rule.layers))
+    if not isinstance(rule.optional, bool):
+        raise _fail(f"{where}.optional", rule.optional, "it must be true or false")
+    _check_name(f"{where}.name", rule.name)
 
 
 @dataclass(frozen=True)
@@ -127,12 +238,12 @@ class LoraExpert:
     layers: tuple[int, ...] | None = field(default=None, metadata=_help(
         "only these layer indices (list, or {from, to} both included); default: the spec's layers"))
     exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
-    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    optional: bool = field(default=False, metadata=_help(
+        "allow patterns to match nothing (otherwise every pattern must match at least one module)"))
     name: str = field(default="lora", metadata=_help("expert name used in parameter names and router stats"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "at", _as_patterns("expert.lora.at", self.at))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check_rule(self, "at")
         ranks = self.r if isinstance(self.r, (list, tuple)) else (self.r,)
         if not ranks:
             raise _fail("expert.lora.r", self.r, "give a positive rank or a non-empty list of ranks")
@@ -145,12 +256,10 @@ class LoraExpert:
                             f"with a list of {len(ranks)} ranks, count must be 1 or {len(ranks)}",
                             "drop count: one expert is made per listed rank")
             object.__setattr__(self, "r", tuple(ranks))
-        _non_negative_float("expert.lora.alpha", self.alpha)
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise _fail("expert.lora.dropout", self.dropout, "it must be in [0, 1)")
+        _number("expert.lora.alpha", self.alpha, "(0, inf)")
+        _number("expert.lora.dropout", self.dropout, "[0, 1)")
         if self.share_a and len(set(self.ranks)) != 1:
             raise _fail("expert.lora.share_a", self.share_a, "a shared A needs every expert to have the same rank")
-        object.__setattr__(self, "layers", _as_layers("expert.lora.layers", self.layers))
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -176,16 +285,15 @@ class ParallelAdapterExpert:
     init_gain: float = field(default=1e-4, metadata=_help("Xavier-uniform gain of both weights (biases start at 0)"))
     layers: tuple[int, ...] | None = field(default=None, metadata=_help("only these layer indices"))
     exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
-    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    optional: bool = field(default=False, metadata=_help(
+        "allow patterns to match nothing (otherwise every pattern must match at least one module)"))
     name: str = field(default="pa", metadata=_help("expert name"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "around", _as_patterns("expert.parallel_adapter.around", self.around))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check_rule(self, "around")
         _positive_int("expert.parallel_adapter.bottleneck", self.bottleneck)
         _check_choice("expert.parallel_adapter.activation", self.activation, ("silu", "relu", "gelu"))
-        _non_negative_float("expert.parallel_adapter.init_gain", self.init_gain)
-        object.__setattr__(self, "layers", _as_layers("expert.parallel_adapter.layers", self.layers))
+        _number("expert.parallel_adapter.init_gain", self.init_gain, "(0, inf)")
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -202,14 +310,13 @@ class PromptExpert:
     length: int = field(default=10, metadata=_help("number of prompt vectors L"))
     layers: tuple[int, ...] | None = field(default=None, metadata=_help("only these layer indices"))
     exclude: tuple[str, ...] = field(default=(), metadata=_help("globs of module paths to leave out"))
-    optional: bool = field(default=False, metadata=_help("allow the patterns to match nothing"))
+    optional: bool = field(default=False, metadata=_help(
+        "allow patterns to match nothing (otherwise every pattern must match at least one module)"))
     name: str = field(default="prompt", metadata=_help("expert name"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "at", _as_patterns("expert.prompt.at", self.at))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check_rule(self, "at")
         _positive_int("expert.prompt.length", self.length)
-        object.__setattr__(self, "layers", _as_layers("expert.prompt.layers", self.layers))
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -245,11 +352,9 @@ class ThresholdSpec:
         _check_choice("router.threshold.rule", self.rule, ("adamole", "moa"))
         if not isinstance(self.learned, bool):
             raise _fail("router.threshold.learned", self.learned, "it must be true or false")
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not 0.0 <= self.value <= 1.0:
-            raise _fail("router.threshold.value", self.value, "it must be in [0, 1]")
-        if self.max is not None and (isinstance(self.max, bool) or not isinstance(self.max, (int, float))
-                                     or not 0.0 < self.max <= 1.0):
-            raise _fail("router.threshold.max", self.max, "it must be in (0, 1]")
+        _number("router.threshold.value", self.value, "[0, 1]")
+        if self.max is not None:
+            _number("router.threshold.max", self.max, "(0, 1]")
 
 
 @dataclass(frozen=True)
@@ -281,6 +386,8 @@ class RouterSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.scope, str) or not self.scope:
             raise _fail("router.scope", self.scope, "choose 'none', 'site' or a block glob like 'model.layers.*'")
+        if self.scope not in ("none", "site", "@blocks"):
+            check_pattern("router.scope", self.scope)
         _check_choice("router.input", self.input, ("normed", "raw"))
         _check_choice("router.form", self.form, ("linear", "swiglu"))
         _positive_int("router.hidden_multiplier", self.hidden_multiplier)
@@ -291,7 +398,7 @@ class RouterSpec:
             object.__setattr__(self, "threshold", _build(ThresholdSpec, self.threshold, "router.threshold"))
         if not isinstance(self.threshold, ThresholdSpec):
             raise _fail("router.threshold", self.threshold, "give a table such as {learned = true}")
-        _non_negative_float("router.aux_loss_coef", self.aux_loss_coef)
+        _number("router.aux_loss_coef", self.aux_loss_coef, "[0, inf)")
         if self.bias is not None and not isinstance(self.bias, bool):
             raise _fail("router.bias", self.bias, "it must be true, false or left out")
         if self.renormalize is not None and not isinstance(self.renormalize, bool):

@@ -13,6 +13,7 @@ import pathlib
 import pickle
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -76,6 +77,72 @@ SPEC_FILES = [
      "per-site routers gate LoRA experts only"),
     ("alpha.json", '{"expert": [{"kind": "lora", "at": "*.q_proj", "alpha": NaN}]}',
      "expert.lora.alpha = nan is not valid"),
+    # a string where a list of patterns belongs: it used to be split into one pattern per character
+    ("exclude.toml", LORA + 'exclude = "model.layers.0.self_attn.q_proj"\n',
+     "expert.lora.exclude = 'model.layers.0.self_attn.q_proj' is not valid; give a list of patterns, not a string "
+     "(write exclude = ['model.layers.0.self_attn.q_proj'])"),
+    ("exclude_pa.toml", '[[expert]]\nkind = "parallel_adapter"\nexclude = "model.layers.0.mlp"\n',
+     "expert.parallel_adapter.exclude = 'model.layers.0.mlp' is not valid; give a list of patterns, not a string"),
+    ("exclude_prompt.toml", '[[expert]]\nkind = "prompt"\nexclude = "model.layers.0.self_attn"\n',
+     "expert.prompt.exclude = 'model.layers.0.self_attn' is not valid; give a list of patterns"),
+    ("exclude_int.toml", LORA + "exclude = [1]\n", "expert.lora.exclude = 1 is not valid; each pattern must be a "
+                                                     "non-empty string"),
+    ("at_empty.toml", '[[expert]]\nkind = "lora"\nat = [""]\n', "expert.lora.at = '' is not valid; each pattern must"),
+    # numbers that are well typed but meaningless
+    ("alpha_inf.toml", LORA + "alpha = inf\n", "expert.lora.alpha = inf is not valid; it must be a finite number > 0"),
+    ("alpha_ninf.json", '{"expert": [{"kind": "lora", "at": "*.q_proj", "alpha": -Infinity}]}',
+     "expert.lora.alpha = -inf is not valid; it must be a finite number > 0"),
+    ("alpha0.toml", LORA + "alpha = 0\n", "expert.lora.alpha = 0 is not valid; it must be a finite number > 0"),
+    ("alpha_neg.toml", LORA + "alpha = -8.0\n", "expert.lora.alpha = -8.0 is not valid"),
+    ("dropout_nan.toml", LORA + "dropout = nan\n", "expert.lora.dropout = nan is not valid; it must be in [0, 1)"),
+    ("dropout1.toml", LORA + "dropout = 1.0\n", "expert.lora.dropout = 1.0 is not valid; it must be in [0, 1)"),
+    ("dropout_neg.toml", LORA + "dropout = -0.1\n", "expert.lora.dropout = -0.1 is not valid"),
+    ("r_list_empty.toml", LORA + "r = []\n", "expert.lora.r = () is not valid; give a positive rank"),
+    ("bottleneck0.toml", '[[expert]]\nkind = "parallel_adapter"\nbottleneck = 0\n',
+     "expert.parallel_adapter.bottleneck = 0 is not valid; it must be a positive integer"),
+    ("bottleneck_neg.toml", '[[expert]]\nkind = "parallel_adapter"\nbottleneck = -16\n',
+     "expert.parallel_adapter.bottleneck = -16 is not valid"),
+    ("gain_inf.toml", '[[expert]]\nkind = "parallel_adapter"\ninit_gain = inf\n',
+     "expert.parallel_adapter.init_gain = inf is not valid; it must be a finite number > 0"),
+    ("gain0.toml", '[[expert]]\nkind = "parallel_adapter"\ninit_gain = 0.0\n',
+     "expert.parallel_adapter.init_gain = 0.0 is not valid"),
+    ("length0.toml", '[[expert]]\nkind = "prompt"\nlength = 0\n', "expert.prompt.length = 0 is not valid"),
+    ("taumax_nan.toml", LORA + '[router]\nscope = "site"\nselect = "threshold"\n[router.threshold]\nmax = nan\n',
+     "router.threshold.max = nan is not valid; it must be in (0, 1]"),
+    ("taumax_big.toml", LORA + '[router]\nscope = "site"\nselect = "threshold"\n[router.threshold]\nmax = 1.5\n',
+     "router.threshold.max = 1.5 is not valid; it must be in (0, 1]"),
+    ("tau_inf.toml", LORA + '[router]\nscope = "site"\nselect = "threshold"\n[router.threshold]\nvalue = inf\n',
+     "router.threshold.value = inf is not valid; it must be in [0, 1]"),
+    ("aux_inf.toml", LORA + '[router]\nscope = "site"\naux_loss_coef = inf\n',
+     "router.aux_loss_coef = inf is not valid; it must be a finite number >= 0"),
+    ("aux_neg.toml", LORA + '[router]\nscope = "site"\naux_loss_coef = -0.01\n',
+     "router.aux_loss_coef = -0.01 is not valid; it must be a finite number >= 0"),
+    ("topk0.toml", LORA + 'count = 2\n[router]\nscope = "site"\nselect = "topk"\ntop_k = 0\n',
+     "router.top_k = 0 is not valid; it must be a positive integer"),
+    ("hidden0.toml", LORA + '[router]\nscope = "@blocks"\nform = "swiglu"\nhidden_multiplier = 0\n',
+     "router.hidden_multiplier = 0 is not valid"),
+    # regular expressions that would make Python's backtracking `re` run for hours
+    ("re_nested.toml", '[[expert]]\nkind = "lora"\nat = ["re:(.*)*x"]\n',
+     "expert.lora.at = 're:(.*)*x' is not valid; this regular expression has a nested quantifier"),
+    ("re_plus.toml", '[[expert]]\nkind = "lora"\nat = ["re:(a+)+b"]\n', "has a nested quantifier"),
+    ("re_branch.toml", '[[expert]]\nkind = "lora"\nat = ["re:(a|ab)*c"]\n', "repeats an alternation"),
+    ("re_backref.toml", '[[expert]]\nkind = "lora"\nat = ["re:(q)_\\\\1"]\n', "uses a back-reference"),
+    ("re_many.toml", '[[expert]]\nkind = "lora"\nat = ["re:.*.*.*.*x"]\n', "has 4 quantifiers; at most 3"),
+    ("re_syntax.toml", '[[expert]]\nkind = "lora"\nat = ["re:model\\\\.(q"]\n', "does not compile (missing )"),
+    ("re_exclude.toml", LORA + 'exclude = ["re:(x+x+)+y"]\n', "expert.lora.exclude = 're:(x+x+)+y' is not valid"),
+    ("re_scope.toml", LORA + '[router]\nscope = "re:(model\\\\.layers\\\\.\\\\d+)*"\n',
+     "router.scope = 're:(model\\\\.layers\\\\.\\\\d+)*' is not valid; this regular expression has a nested"),
+    ("re_long.toml", '[[expert]]\nkind = "lora"\nat = ["' + "a" * 300 + '"]\n',
+     "a pattern may have at most 200 characters (this one has 300)"),
+    # names become module-path components
+    ("name_dot.toml", LORA + 'name = "lora.q"\n', "expert.lora.name = 'lora.q' is not valid; an expert name must be "
+                                                  "an identifier"),
+    ("name_empty.toml", LORA + 'name = ""\n', "expert.lora.name = '' is not valid"),
+    ("name_attr.toml", LORA + 'name = "weight"\n',
+     "expert.lora.name = 'weight' is not valid; it collides with an attribute of torch modules"),
+    ("name_method.toml", '[[expert]]\nkind = "parallel_adapter"\nname = "forward"\n', "collides with an attribute"),
+    ("optional.json", '{"expert": [{"kind": "lora", "at": "*.q_proj", "optional": "yes"}]}',
+     "optional = 'yes' has type str; expected bool"),
 ]
 
 
@@ -277,6 +344,18 @@ def test_adapter_for_another_spec(moa, saved):
     with pytest.raises(AdapterLoadError, match=re.escape("saved for another spec (spec.experts[0].r: saved 16, this "
                                                          "model 8)")):
         moa.load_adapters(saved)
+
+
+@pytest.mark.parametrize("field,value", [("at", ["re:(.*)*x"]), ("exclude", ["re:(a+)+b"]), ("exclude", "x")])
+def test_untrusted_adapter_config_is_refused_before_any_pattern_runs(moa, saved, field, value):
+    """A backtracking regex in a directory's config used to hang from_adapters before the checksum was checked."""
+    rewrite_config(saved, lambda cfg: cfg["moa_fx"]["spec"]["experts"][0].update({field: value}))
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=f"expert.lora.{field} = .* is not valid"):
+        MoAModel.from_adapters(tiny_model("llama"), saved)
+    with pytest.raises(AdapterLoadError, match="holds an invalid spec: expert.lora"):
+        moa.load_adapters(saved)
+    assert time.perf_counter() - t0 < 5.0
 
 
 def test_adapter_for_another_base_model(moa, saved):

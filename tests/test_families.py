@@ -45,16 +45,22 @@ def family_config(family: str):
         return tf.FalconConfig(**SMALL, new_decoder_architecture=False, multi_query=True)
     if family == "phi":  # phi-2: separate q/k/v, partial RoPE, parallel MLP
         return tf.PhiConfig(**SMALL, intermediate_size=128, max_position_embeddings=256)
+    if family == "gptj":  # attn.{q,k,v,out}_proj, mlp.fc_in / fc_out, parallel attention and MLP
+        return tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8,
+                             bos_token_id=1, eos_token_id=2)
+    if family == "bloom":  # fused per-head qkv, ALiBi, an MLP that takes the residual as a second input
+        return tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+                              pad_token_id=0)
     classes = {"stablelm": tf.StableLmConfig, "granite": tf.GraniteConfig, "olmo": tf.OlmoConfig,
                "olmo2": tf.Olmo2Config, "cohere": tf.CohereConfig, "starcoder2": tf.Starcoder2Config}
     return classes[family](**TINY, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 # Architectures without an SDPA implementation in transformers run eager attention (softmax(q·kᵀ)·v by hand).
-EAGER = {"gemma2"}
+EAGER = {"gemma2", "bloom"}
 
 FAMILY_LIST = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2",
-               "gpt_neox", "opt", "falcon", "stablelm", "granite", "olmo", "olmo2", "cohere", "starcoder2")
+               "gpt_neox", "opt", "falcon", "gptj", "bloom", "stablelm", "granite", "olmo", "olmo2", "cohere", "starcoder2")
 
 PROMPT_PRESETS = ("soft_moa", "prompt_tuning", "unipeft")
 MLP_PRESETS = ("soft_moa", "sparse_moa", "parallel_adapter", "unipeft")
@@ -65,20 +71,23 @@ EXPECTED_ERRORS: dict[tuple[str, str], tuple[type, str, str]] = {}
 for _p in PROMPT_PRESETS:
     EXPECTED_ERRORS["gpt_neox", _p] = (SiteMatchError, "head-split fused qkv",
                                        "prompt expert: fused qkv is interleaved per head")
+    EXPECTED_ERRORS["bloom", _p] = (SiteMatchError, "indexed out of a fused qkv",
+                                    "prompt expert: k/v are indexed out of the per-head fused qkv")
     EXPECTED_ERRORS["falcon", _p] = (SiteMatchError, "indexed out of a fused qkv",
                                      "prompt expert: multi-query k/v are indexed out of the fused qkv")
 for _p in MLP_PRESETS:
     EXPECTED_ERRORS["opt", _p] = (SiteMatchError, "@mlp stands for",
                                   "@mlp: OPT has no MLP module (fc1/fc2 sit in the decoder layer)")
-for _p in BLOCK_PRESETS:
-    EXPECTED_ERRORS["olmo2", _p] = (SiteMatchError, "has no normalisation module on its input",
-                                    "block router reads the normed block input; OLMo2 norms after attention/MLP "
-                                    "(use router.input = 'raw')")
+# every pattern of a rule must match: Mixtral's experts are fused 3-D weights, so '@down' finds no projection
+for _p in ("lora", "mole_topk", "hydralora", "moe_lora_soft", "soft_moa", "sparse_moa", "unipeft"):
+    EXPECTED_ERRORS["mixtral", _p] = (SiteMatchError, r"pattern \['@down'\] matched no linear projection .* fused 3-D",
+                                      "@down: the experts are fused 3-D weights, no projection to adapt")
 
-# what a preset leaves out on a family without failing (for the table)
+# choices a preset makes on a family without failing (``moa-fx sites`` prints them)
 NOTES = {
-    ("mixtral", "@down"): "experts are fused 3-D weights: @down matches nothing, q/k/v/o get LoRA; @mlp wraps the "
-                          "sparse MoE block",
+    ("olmo2", "soft_moa/sparse_moa"): "no input norm on the block (OLMo2 norms after attention and MLP): the block "
+                                      "router reads the raw block input",
+    ("bloom", "@mlp"): "the MLP takes the hidden states and the residual: the adapter reads the input of dense_h_to_4h",
 }
 
 
@@ -96,13 +105,15 @@ def build(family: str):
 def shared_capture(captured):
     """``transform`` as users call it, minus the repeated torch.export: each call gets a fresh copy."""
 
-    def fake_capture(model, example_inputs=None, *, dynamic=True):
+    def fake_capture(model, example_inputs=None, **options):
         clone = copy.copy(captured)
         clone.gm = copy.deepcopy(captured.gm)
         return clone
 
+    # the module that calls torch.export on transform's behalf
+    caller = moa_fx.derive if hasattr(moa_fx, "derive") and hasattr(moa_fx.derive, "capture") else moa_fx.runtime
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(moa_fx.runtime, "capture", fake_capture)
+        mp.setattr(caller, "capture", fake_capture)
         yield
 
 

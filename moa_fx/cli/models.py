@@ -93,19 +93,19 @@ def load_model(ref: str, *, vocab_size: int = 256) -> tuple[nn.Module, str]:
             raise MoaFxError(f"'{ref}' is not valid JSON: {err}") from None
         cfg = _config_from_dict(data, ref)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = _sdpa_or_eager(lambda attn: AutoModelForCausalLM.from_config(cfg, attn_implementation=attn))
         return model.eval(), "meta"
     if not (path / "config.json").exists():
         raise MoaFxError(f"model directory '{ref}' has no config.json; point at a Hugging Face model directory")
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if not has_weights:
         cfg = AutoConfig.from_pretrained(str(path))
-        cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = _sdpa_or_eager(lambda attn: AutoModelForCausalLM.from_config(cfg, attn_implementation=attn))
         return model.eval(), "meta"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+        model = _sdpa_or_eager(lambda attn: AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation=attn))
     except (OSError, ValueError) as err:
         raise MoaFxError(f"cannot load the model in '{ref}': {err}") from None
     return model.eval(), "weights"
@@ -122,8 +122,17 @@ def _config_from_dict(data: dict, where: str):
         cfg = AutoConfig.for_model(model_type, **fields)
     except (KeyError, ValueError) as err:
         raise MoaFxError(f"'{where}': transformers does not know model_type '{model_type}' ({err})") from None
-    cfg._attn_implementation = "sdpa"
     return cfg
+
+
+def _sdpa_or_eager(make):
+    """``make("sdpa")``, or ``make("eager")`` for architectures without SDPA attention (BLOOM)."""
+    try:
+        return make("sdpa")
+    except ValueError as err:
+        if "scaled_dot_product_attention" not in str(err):
+            raise
+        return make("eager")
 
 
 class _seeded:

@@ -210,6 +210,8 @@ def render_sites(console: Console, report: dict) -> None:
     for r in report["rules"]:
         if r["status"] != "matched":
             console.print(f"[red]{r['status']}[/red] {r['name']}: {r['message']}", soft_wrap=True)
+    for note in report.get("notes", []):
+        console.print(f"note: {note['note']} — {', '.join(note['paths'])}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------

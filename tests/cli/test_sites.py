@@ -40,3 +40,23 @@ def test_optional_unmatched_rule_is_reported_but_ok(cli_json, tmp_path):
     assert code == 0
     maybe = next(r for r in report["rules"] if r["name"] == "maybe")
     assert maybe["status"] == "unmatched (optional)" and "matched no linear projection" in maybe["message"]
+
+
+@pytest.mark.parametrize("family,spec,note", [
+    ("olmo2", "sparse_moa", "note: router: the block has no normalisation module on its input; the router reads the "
+                            "raw block input (router.input = 'raw') — model.layers.{0..1} ×2"),
+    ("bloom", "parallel_adapter", "note: expert 'pa': the module takes 2 tensors; reading the one that feeds its first "
+                                  "projection (dense_h_to_4h) — transformer.h.{0..1}.mlp ×2"),
+])
+def test_sites_says_which_input_it_chose(cli, cli_json, tmp_path, family, spec, note):
+    import transformers as tf
+
+    cfg = {"olmo2": lambda: tf.Olmo2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2),
+           "bloom": lambda: tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)}[family]()
+    cfg.to_json_file(str(tmp_path / "config.json"))
+    code, out, _ = cli("sites", str(tmp_path / "config.json"), "--spec", spec)
+    assert code == 0, out
+    assert note in " ".join(out.split())
+    code, report = cli_json("sites", str(tmp_path / "config.json"), "--spec", spec, "--json")
+    assert code == 0 and report["notes"] and report["notes"][0]["paths"]
