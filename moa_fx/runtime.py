@@ -1,13 +1,22 @@
 """The transformed model: :func:`transform` builds a :class:`MoAModel` from a model and a spec.
 
-``MoAModel`` wraps the rewritten GraphModule. It is called like the base model (``input_ids``,
-``attention_mask``, ``labels`` for causal LMs; the original positional inputs for plain modules),
-returns the base model's output type (with ``loss`` when labels are given, plus ``aux_loss``), and
-owns what the graph cannot: input checks, the loss, the balance-loss term, router statistics,
-adapter save/load and the trainable-parameter report.
+A ``MoAModel`` *owns state* and *derives graphs* (see :mod:`moa_fx.derive`):
 
-Parameter names: every adapter parameter lives under ``graph_module.moa.<site path>.<expert>.<i>``,
-e.g. ``moa.model.layers.0.self_attn.q_proj.lora.0.lora_A`` (site path, expert rule name, expert
+- state: the frozen base model (``.model``, shared with the caller, not copied), the spec, and the
+  adapter modules (``.moa``: experts, routers, thresholds, the only trainable parameters and the
+  only thing saved);
+- derived: one rewritten GraphModule per :class:`~moa_fx.derive.GraphKey` (train or eval, with or
+  without a KV cache, activation checkpointing, last-position logits), captured or rewritten on
+  first use for the current device and dtype and cached. All of them call the same adapter modules.
+
+It is called like the base model (``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values``/``cache``, ``use_cache``, ``labels`` for causal LMs; the original positional
+inputs for plain modules), returns the base model's output type (with ``loss`` when labels are
+given, ``aux_loss``, and the cache when one is used), generates with transformers' own
+``generate``, moves with ``.to()``, and checkpoints activations with the HF method names.
+
+Parameter names: every adapter parameter lives under ``moa.<site path>.<expert>.<i>``, e.g.
+``moa.model.layers.0.self_attn.q_proj.lora.0.lora_A`` (site path, expert rule name, expert
 index); routers under ``moa.<site or block path>.router``, thresholds under ``….threshold``.
 :meth:`MoAModel.adapter_state_dict` returns them without the ``moa.`` prefix.
 """
@@ -15,22 +24,23 @@ index); routers under ``moa.<site or block path>.router``, thresholds under ``�
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
 import pathlib
 import tempfile
+import uuid
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import Captured, capture
+from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
+                     has_dropout, has_mode_ops, keep_last_logits, strip_dropout)
 from .errors import AdapterLoadError, InputError, MoaFxError
 from .graph import ADAPTER_ROOT
-from .passes import PassContext, pipeline, run_pipeline
-from .sites import find_sites
 from .spec import LoraExpert, Spec, load_spec, spec_from_dict, spec_to_dict
 
 __all__ = ["MoAModel", "MoAOutput", "transform", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
@@ -47,8 +57,17 @@ try:
         """``CausalLMOutputWithPast`` plus the summed balance loss of every router (or None)."""
 
         aux_loss: torch.Tensor | None = None
+
+    # transformers 5 calls the cache field ``cache``, earlier releases ``past_key_values``
+    _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+        else "past_key_values"
 except ImportError:  # pragma: no cover - transformers is a dependency
     MoAOutput = None  # type: ignore[assignment]
+    _CACHE_FIELD = "past_key_values"
+
+# forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
+_LM_ARGS = ("position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
+            "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
@@ -64,53 +83,229 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
     per site), ``"dense"``, ``"grouped"``, or ``"off"`` (one graph node per expert, weighted sum).
     ``fuse`` gives every tensor read by several small projections (the LoRA A's of q, k and v, the
     router, the threshold) one GEMM followed by splits; ``fuse=False`` keeps one GEMM per reader.
+    Every graph the model derives later (eval, KV cache, another device or dtype) repeats these
+    options.
 
     >>> model = transform(hf_model, "adamole")            # doctest: +SKIP
     >>> model(input_ids=ids, labels=ids).loss.backward()  # doctest: +SKIP
     """
+    if isinstance(model, MoAModel):
+        raise MoaFxError("this model is already transformed; transform its base model (model.model) with a spec "
+                         "that lists every expert, or keep training the MoAModel you have")
     spec = load_spec(spec)
-    captured = capture(model, example_inputs, dynamic=dynamic)
-    plan = find_sites(captured.gm, spec)
-    ctx = run_pipeline(PassContext(captured.gm, spec, plan), pipeline(lower, fuse), until=until)
-    return MoAModel(captured, spec, ctx)
+    options = DeriveOptions(example_inputs=example_inputs, dynamic=dynamic, lower=lower, fuse=fuse, until=until)
+    adapters = nn.Module()
+    first = derive_by_capture(model, spec, adapters, options, GraphKey("forward", dropout=True),
+                              example_inputs=example_inputs)
+    if not has_dropout(first.gm):
+        first = dataclasses.replace(first, key=GraphKey("forward", dropout=False))
+    return MoAModel(model, spec, adapters, options, first)
 
 
 class MoAModel(nn.Module):
     """A transformed model. Only adapter, router and threshold parameters are trainable."""
 
-    def __init__(self, captured: Captured, spec: Spec, ctx: PassContext) -> None:
+    supports_gradient_checkpointing = True
+
+    def __init__(self, model: nn.Module, spec: Spec, adapters: nn.Module, options: DeriveOptions,
+                 first: Derived) -> None:
         super().__init__()
-        self.graph_module = captured.gm
+        cap = first.captured
+        self.model = model  # the frozen base: .to(), .train() and .eval() reach it through here
+        self.moa = adapters  # the trainable state, shared by every derived graph
         self.spec = spec
-        self.config = captured.config
-        self.records = ctx.records
-        self.slots = ctx.slots
-        self.routers = ctx.routers
-        self.lowering = ctx.lowering
-        self._plan_placements = list(ctx.plan.placements)
-        self.model_class = captured.model_class
-        self._captured = captured
-        self._input_names = captured.input_names
-        self._num_outputs = captured.num_outputs
-        self._extras = list(captured.gm.meta.get("moa_fx.extras", []))
+        self.config = cap.config
+        self.model_class = cap.model_class
+        self.main_input_name = "input_ids"
+        self._options = options
+        self._causal = cap.is_causal_lm
+        self._loss_function = cap.loss_function
+        # train and eval graphs differ only where the base model has dropout (or batch norm)
+        self._has_dropout = has_dropout(first.gm)
+        self._mode_ops = has_mode_ops(first.gm)
+        self._graphs: dict[GraphKey, Derived] = {first.key: first}
+        self._first = first  # what transform() made: records and site plan for reports
+        self.derivations: list[tuple[str, str, float]] = [(str(first.key), first.how, first.seconds)]
+        self._checkpointing: dict | None = None
+        self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
+        self._last: Derived = first
         self._stats: list[torch.Tensor] = []
         self.aux_loss: torch.Tensor | None = None
-        if not hasattr(self.graph_module, ADAPTER_ROOT):
-            self.graph_module.add_module(ADAPTER_ROOT, nn.Module())
-        self.main_input_name = "input_ids"
         # state_dict() holds the adapters only: the frozen base belongs to the base model (and its
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
         self.register_state_dict_post_hook(_adapters_only_state_dict)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
 
     # ------------------------------------------------------------------------------------------
-    # calling
+    # state and derived graphs
     # ------------------------------------------------------------------------------------------
 
     @property
     def adapters(self) -> nn.Module:
         """The module tree holding every expert, router and threshold."""
-        return getattr(self.graph_module, ADAPTER_ROOT)
+        return self.moa
+
+    @property
+    def graph_module(self):
+        """The forward graph for the current mode, device and dtype."""
+        return self.derived().gm
+
+    @property
+    def records(self):
+        return self._first.records
+
+    @property
+    def slots(self):
+        return self._first.slots
+
+    @property
+    def routers(self):
+        return self._first.routers
+
+    @property
+    def lowering(self):
+        return self._first.lowering
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_dtype()[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._device_dtype()[1]
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.device, p.dtype
+        for p in self.moa.parameters():
+            return p.device, p.dtype
+        return torch.device("cpu"), torch.float32
+
+    def _key(self, purpose: str = "forward", last_logits: bool = False) -> GraphKey:
+        train = self.model.training
+        return GraphKey(purpose, self._has_dropout and train,
+                        self._checkpointing is not None and train and purpose == "forward", last_logits)
+
+    def derived(self, purpose: str = "forward", *, last_logits: bool = False) -> Derived:
+        """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use.
+
+        ``model.derived("cached").gm`` is the KV-cache graph: compile it with ``torch.compile`` like
+        any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
+        if purpose not in ("forward", "cached"):
+            raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
+        key = self._key(purpose, last_logits)
+        found = self._graphs.get(key)
+        return found if found is not None else self._derive(key)
+
+    @torch.compiler.disable
+    def _derive(self, key: GraphKey) -> Derived:
+        import time
+
+        if key.purpose == "cached" and not self._causal:
+            raise InputError(f"{self.model_class} is not a causal LM: it has no KV-cache graph")
+        start = time.perf_counter()
+        if key.checkpointing:
+            src = self._get(key._replace(checkpointing=False))
+            blocks = block_paths(src.gm)
+            made = src.replace_graph(checkpoint_blocks(src.gm, blocks, **dict(self._checkpointing or {})), key,
+                                     f"rewrite of {src.key}: checkpoint_blocks", 0.0)
+        elif key.last_logits:
+            src = self._get(key._replace(last_logits=False))
+            made = src.replace_graph(keep_last_logits(src.gm, self._head_path()), key,
+                                     f"rewrite of {src.key}: keep_last_logits", 0.0)
+        elif not key.dropout and self._has_dropout and not self._mode_ops:
+            src = self._get(key._replace(dropout=True))
+            made = src.replace_graph(strip_dropout(src.gm), key, f"rewrite of {src.key}: strip_dropout", 0.0)
+        else:
+            train = key.dropout or not self._mode_ops
+            made = derive_by_capture(self.model, self.spec, self.moa, self._options, key,
+                                     example_inputs=self._example_inputs(), train=train)
+        made.seconds = time.perf_counter() - start
+        self._graphs[key] = made
+        self.derivations.append((str(key), made.how, made.seconds))
+        return made
+
+    def _get(self, key: GraphKey) -> Derived:
+        found = self._graphs.get(key)
+        return found if found is not None else self._derive(key)
+
+    def _head_path(self) -> str:
+        head = self.model.get_output_embeddings()
+        return next(name for name, m in self.model.named_modules() if m is head)
+
+    def _example_inputs(self) -> Any:
+        ex = self._options.example_inputs
+        if ex is None:
+            return None
+        device, dtype = self._device_dtype()
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return t.to(dtype) if t.is_floating_point() else t
+
+        return pytree.tree_map_only(torch.Tensor, move, ex)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``…: move the state, then derive the forward
+        graph for the new device and dtype. If that fails, the state moves back and the old graphs stay."""
+        before = self._device_dtype()
+        out = super()._apply(fn, recurse)
+        after = self._device_dtype()
+        if after == before or getattr(self, "_moving_back", False):
+            return out
+        old, old_last = self._graphs, self._last
+        self._graphs = {}
+        try:
+            if after[0].type != "meta":
+                self._last = self.derived()
+        except BaseException:
+            self._moving_back = True
+            try:
+                super()._apply(lambda t: t.to(before[0], before[1] if t.is_floating_point() else t.dtype), recurse)
+            finally:
+                self._moving_back = False
+            self._graphs, self._last = old, old_last
+            raise
+        return out
+
+    def train(self, mode: bool = True) -> "MoAModel":
+        super().train(mode)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # activation checkpointing (the HF names, so the Trainer's gradient_checkpointing flag works)
+    # ------------------------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder block in backward instead of keeping its activations (train mode).
+
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``; the non-reentrant
+        variant is always used (``use_reentrant=True`` is refused: it drops the adapters' gradients
+        where a block's inputs need none)."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            raise InputError("gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: reentrant "
+                             "checkpointing gives no gradient to adapters in blocks whose inputs need none; pass "
+                             "{'use_reentrant': False} or nothing")
+        kwargs.pop("use_reentrant", None)
+        unknown = sorted(set(kwargs) - {"preserve_rng_state", "determinism_check", "debug"})
+        if unknown:
+            raise InputError(f"gradient_checkpointing_kwargs {unknown} are not checkpoint options; valid: "
+                             "'use_reentrant' (False), 'preserve_rng_state', 'determinism_check', 'debug'")
+        self._graphs = {k: v for k, v in self._graphs.items() if not k.checkpointing}
+        self._checkpointing = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    # ------------------------------------------------------------------------------------------
+    # calling
+    # ------------------------------------------------------------------------------------------
 
     def forward(self, *args: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -118,35 +313,71 @@ class MoAModel(nn.Module):
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
             if value is not None:
                 kwargs[name] = value
-        cap = self._captured
-        if cap.is_causal_lm:
-            flat = self._lm_inputs(args, kwargs)
-            loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        if not self._causal:
+            derived = self.derived()
+            flat = self._plain_inputs(derived, args, kwargs)
+            outputs = derived.gm(*flat)
+            user = self._take_extras(derived, outputs)
+            return pytree.tree_unflatten(user, derived.captured.out_spec)
+        call = self._lm_inputs(args, kwargs)
+        ids, mask = call["input_ids"], call["attention_mask"]
+        cached = call["cache"] is not None or call["use_cache"] or call["position_ids"] is not None \
+            or ids.shape[1] < 2
+        keep = call["logits_to_keep"]
+        cache = None
+        if cached:
+            derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1)
+            past, cache = self._past(call["cache"], ids, derived)
+            mask, pos = self._cached_mask_positions(ids, mask, call["position_ids"], past)
+            outputs = derived.gm(ids, mask, pos, *past[0], *past[1])
+            user = self._take_extras(derived, outputs)
+            n = len(past[0])
+            logits = user[0]
+            if call["cache"] is not None or call["use_cache"] is not False and call["use_cache"] is not None:
+                cache = self._store(cache, user[1:1 + n], user[1 + n:1 + 2 * n])
+            else:
+                cache = None
         else:
-            flat = self._plain_inputs(args, kwargs)
-            loss_kwargs = {}
-        outputs = self.graph_module(*flat)
-        user, extras = list(outputs[:self._num_outputs]), outputs[self._num_outputs:]
-        aux_terms = [t for (kind, _), t in zip(self._extras, extras) if kind == "aux"]
-        self._stats = [t for (kind, _), t in zip(self._extras, extras) if kind == "stats"]
-        aux = torch.stack(aux_terms).sum() if aux_terms else None
-        self.aux_loss = aux
-        if not cap.is_causal_lm:
-            return pytree.tree_unflatten(user, cap.out_spec)
-        base = pytree.tree_unflatten(user, cap.out_spec)
-        logits = base.logits if hasattr(base, "logits") else user[0]
+            derived = self.derived()
+            if mask is None:
+                mask = torch.ones_like(ids)
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask has shape {tuple(mask.shape)} but input_ids have {tuple(ids.shape)}")
+            outputs = derived.gm(ids, mask)
+            user = self._take_extras(derived, outputs)
+            base = pytree.tree_unflatten(user, derived.captured.out_spec)
+            logits = base.logits if hasattr(base, "logits") else user[0]
+        if isinstance(keep, int) and keep > 1:
+            logits = logits[:, -keep:]
+        elif isinstance(keep, torch.Tensor):
+            logits = logits[:, keep]
         loss = None
         if labels is not None:
-            if labels.shape != flat[0].shape:
+            if labels.shape != ids.shape:
                 raise InputError(f"labels have shape {tuple(labels.shape)} but input_ids have "
-                                 f"{tuple(flat[0].shape)}; give one label per input token (-100 to ignore)")
-            loss = cap.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+                                 f"{tuple(ids.shape)}; give one label per input token (-100 to ignore)")
+            if logits.shape[1] != ids.shape[1]:
+                raise InputError("labels need the logits of every position; do not combine them with logits_to_keep")
+            loss_kwargs = {"num_items_in_batch": call["num_items_in_batch"]} \
+                if call["num_items_in_batch"] is not None else {}
+            loss = self._loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
             coef = self.spec.router.aux_loss_coef
-            if self.training and aux is not None and coef > 0:
-                loss = loss + coef * aux
-        return MoAOutput(loss=loss, logits=logits, aux_loss=aux)
+            if self.training and self.aux_loss is not None and coef > 0:
+                loss = loss + coef * self.aux_loss
+        out = MoAOutput(loss=loss, logits=logits, aux_loss=self.aux_loss, **{_CACHE_FIELD: cache})
+        return out.to_tuple() if call["return_dict"] is False else out
 
-    def _lm_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    def _take_extras(self, derived: Derived, outputs: Any) -> list:
+        n = derived.num_outputs
+        user, extras = list(outputs[:n]), outputs[n:]
+        kinds = derived.extras
+        aux_terms = [t for (kind, _), t in zip(kinds, extras) if kind == "aux"]
+        self._stats = [t for (kind, _), t in zip(kinds, extras) if kind == "stats"]
+        self.aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        self._last = derived
+        return user
+
+    def _lm_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         names = ("input_ids", "attention_mask")
         if len(args) > 2:
             raise InputError("pass at most input_ids and attention_mask positionally")
@@ -154,17 +385,17 @@ class MoAModel(nn.Module):
             if name in kwargs:
                 raise InputError(f"{name} was given both positionally and by keyword")
             kwargs[name] = value
-        for key in ("use_cache", "return_dict", "output_attentions", "output_hidden_states", "past_key_values"):
-            value = kwargs.pop(key, None)
-            if key in ("output_attentions", "output_hidden_states") and value:
-                raise InputError(f"{key}=True is not supported by a transformed model; "
-                                 "run the base model for attentions or hidden states")
-            if key == "past_key_values" and value is not None:
-                raise InputError("past_key_values is not supported: a transformed model runs without a KV cache")
-        unknown = sorted(set(kwargs) - {"input_ids", "attention_mask", "num_items_in_batch"})
+        unknown = sorted(set(kwargs) - set(names) - set(_LM_ARGS))
         if unknown:
             raise InputError(f"unsupported input(s) {unknown}; a transformed causal LM takes input_ids, "
-                             "attention_mask and labels")
+                             f"attention_mask, labels and {', '.join(_LM_ARGS)}")
+        for key in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(key):
+                raise InputError(f"{key}=True is not supported by a transformed model; "
+                                 "run the base model for attentions or hidden states")
+        if kwargs.get("past_key_values") is not None and kwargs.get("cache") is not None:
+            raise InputError("past_key_values and cache were both given; they are one argument (transformers 5 "
+                             "calls it cache)")
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor):
             raise InputError("input_ids is required: a LongTensor of shape (batch, sequence)")
@@ -173,32 +404,157 @@ class MoAModel(nn.Module):
                              f"{ids.dtype} and shape {tuple(ids.shape)}")
         if ids.dtype != torch.int64:
             ids = ids.long()
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(ids)
-        if mask.shape != ids.shape:
-            raise InputError(f"attention_mask has shape {tuple(mask.shape)} but input_ids have {tuple(ids.shape)}")
-        if ids.shape[1] < 2:
-            raise InputError("sequences must have at least 2 tokens (the graph was captured for sequence >= 2)")
+        if ids.shape[1] < 1:
+            raise InputError("input_ids hold no tokens (sequence length 0)")
         if not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel():
             vocab = int(self.config.vocab_size)
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab:
                 raise InputError(f"input_ids hold ids in [{lo}, {hi}] but the vocabulary has {vocab} entries")
-        return [ids, mask.to(ids.dtype) if mask.dtype == torch.bool else mask]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            mask = mask.to(ids.dtype)
+        keep = kwargs.get("logits_to_keep", 0)
+        if keep is None:
+            keep = 0
+        if not isinstance(keep, (int, torch.Tensor)) or isinstance(keep, bool) or (isinstance(keep, int) and keep < 0):
+            raise InputError(f"logits_to_keep = {keep!r} is not valid; give an int >= 0 (0 keeps every position) "
+                             "or a tensor of positions")
+        pos = kwargs.get("position_ids")
+        if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != ids.shape[1]):
+            raise InputError(f"position_ids must be a (batch, sequence) tensor matching input_ids "
+                             f"{tuple(ids.shape)}; got {getattr(pos, 'shape', type(pos).__name__)}")
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                "cache": kwargs.get("cache", kwargs.get("past_key_values")), "use_cache": kwargs.get("use_cache"),
+                "return_dict": kwargs.get("return_dict"), "logits_to_keep": keep,
+                "num_items_in_batch": kwargs.get("num_items_in_batch")}
 
-    def _plain_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        flat = list(args) + [kwargs.pop(n) for n in self._input_names[len(args):] if n in kwargs]
+    # ------------------------------------------------------------------------------------------
+    # the KV cache: transformers' DynamicCache in, the cached graph's flat keys and values inside
+    # ------------------------------------------------------------------------------------------
+
+    def _past(self, cache: Any, ids: torch.Tensor, derived: Derived) -> tuple[tuple[list, list], Any]:
+        """The past keys and values to feed the cached graph, checked against this model's layout."""
+        layout = derived.captured.cache
+        batch = ids.shape[0]
+        device, dtype = self._device_dtype()
+        fresh = cache is None or cache.get_seq_length() == 0 and not any(
+            getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in getattr(cache, "layers", []))
+        if cache is not None:
+            from transformers import DynamicCache
+
+            if not isinstance(cache, DynamicCache) or type(cache).__name__ != "DynamicCache":
+                raise InputError(f"a {type(cache).__name__} was given as the cache; a transformed model uses "
+                                 "transformers' DynamicCache (pass DynamicCache() or let generate make one)")
+        if fresh:
+            empty = [torch.zeros(batch, h, 0, d, dtype=dtype, device=device) for h, d in layout]
+            return (empty, [torch.zeros_like(t) for t in empty]), cache
+        if getattr(cache, "_moa_fx_owner", None) != self._cache_tag:
+            raise InputError("this cache was filled by another model (or another spec, or the base model itself): "
+                             "its keys and values do not belong to this model's adapters; start from an empty "
+                             "DynamicCache() or pass none")
+        if len(cache.layers) != len(layout):
+            raise InputError(f"the cache has {len(cache.layers)} layers but this model has {len(layout)}")
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        length = keys[0].shape[2]
+        for i, ((h, d), k, v) in enumerate(zip(layout, keys, values)):
+            want = (batch, h, length, d)
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise InputError(f"cache layer {i} holds keys of shape {tuple(k.shape)}, but this call needs {want} "
+                                 "(batch, kv heads, past length, head dim): the cache comes from another batch or model")
+            if k.dtype != dtype or k.device != device:
+                raise InputError(f"cache layer {i} is {k.dtype} on {k.device} but the model is {dtype} on {device}; "
+                                 "start a new cache after moving the model")
+        return (keys, values), cache
+
+    def _cached_mask_positions(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None,
+                               past: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq = ids.shape
+        length = past[0][0].shape[2] if past[0] else 0
+        if mask is None:
+            mask = torch.ones(batch, length + seq, dtype=torch.long, device=ids.device)
+        if tuple(mask.shape) != (batch, length + seq):
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}; with {length} cached tokens it must "
+                             f"cover past and new tokens: ({batch}, {length + seq})")
+        if pos is None:
+            pos = torch.arange(length, length + seq, device=ids.device).expand(batch, seq)
+        elif pos.shape[0] != batch:
+            pos = pos.expand(batch, seq)
+        return mask, pos.contiguous()
+
+    def _store(self, cache: Any, keys: list, values: list) -> Any:
+        """Write the graph's new keys and values into ``cache`` (a new DynamicCache when None)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if cache is None:
+            cache = DynamicCache()
+        while len(cache.layers) < len(keys):
+            cache.layers.append(DynamicLayer())
+        for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values)):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            if getattr(layer, "is_sliding", False):
+                if k.shape[-2] >= layer.sliding_window:
+                    raise InputError(f"cache layer {i} is a sliding-window layer (window {layer.sliding_window}) and "
+                                     f"the sequence has reached {k.shape[-2]} tokens: a transformed model keeps full "
+                                     "caches only; generate at most window - 1 tokens in total")
+                layer.cumulative_length = k.shape[-2]
+            layer.keys, layer.values = k, v
+        cache._moa_fx_owner = self._cache_tag
+        return cache
+
+    # ------------------------------------------------------------------------------------------
+    # generation: transformers' own generate, with this model's cached graph as the forward
+    # ------------------------------------------------------------------------------------------
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (greedy, sampling, beam search, ``max_new_tokens``, ``eos_token_id``,
+        left-padded ``attention_mask``, ``num_return_sequences``, logits processors…) over this model:
+        the base model's generation loop, calling the cached graph for prefill and each decode step."""
+        if not self._causal or not hasattr(self.model, "generate"):
+            raise InputError(f"{self.model_class} is not a causal LM with a generate method; generate needs a "
+                             "transformers causal LM (AutoModelForCausalLM)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise InputError("generate(inputs_embeds=...) is not supported by a transformed model; pass input_ids")
+        base = self.model
+        signature = inspect.signature(base.forward)
+        self.derived("cached", last_logits=True)  # derive before the base's forward is swapped
+
+        def forward(*a: Any, **kw: Any) -> Any:
+            kw.pop("cache_position", None)
+            for key in ("output_attentions", "output_hidden_states", "inputs_embeds"):
+                if not kw.get(key):
+                    kw.pop(key, None)
+            return self(*a, **kw)
+
+        forward.__signature__ = signature  # type: ignore[attr-defined]
+        base.forward = forward
+        try:
+            return base.generate(*args, **kwargs)
+        finally:
+            del base.forward
+
+    def can_generate(self) -> bool:
+        return self._causal and hasattr(self.model, "generate")
+
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.model, "generation_config", None)
+
+    def _plain_inputs(self, derived: Derived, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        names = derived.captured.input_names
+        flat = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
         if kwargs:
-            raise InputError(f"unexpected input(s) {sorted(kwargs)}; this model takes {list(self._input_names)}")
-        if len(flat) != len(self._input_names):
-            raise InputError(f"expected {len(self._input_names)} inputs {list(self._input_names)}, got {len(flat)}")
-        placeholders = {n.name: n.meta.get("val") for n in self.graph_module.graph.nodes if n.op == "placeholder"}
-        for name, t in zip(self._input_names, flat):
+            raise InputError(f"unexpected input(s) {sorted(kwargs)}; this model takes {list(names)}")
+        if len(flat) != len(names):
+            raise InputError(f"expected {len(names)} inputs {list(names)}, got {len(flat)}")
+        placeholders = {n.name: n.meta.get("val") for n in derived.gm.graph.nodes if n.op == "placeholder"}
+        for name, t in zip(names, flat):
             want = placeholders.get(name)
             if isinstance(want, torch.Tensor) and isinstance(t, torch.Tensor):
                 _check_like(name, t, want)
-        for name, t in zip(self._input_names, flat):
+        for name, t in zip(names, flat):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.compiler.is_compiling() \
                     and t.device.type != "meta" and not torch.isfinite(t).all():
                 raise InputError(f"input '{name}' contains NaN or inf; clean the data before the model sees it")
@@ -218,7 +574,7 @@ class MoAModel(nn.Module):
 
         out: dict[str, dict[str, Any]] = {}
         stats_iter = iter(self._stats)
-        for key, info in self.routers.items():
+        for key, info in self._last.routers.items():
             vec = next(stats_iter, None)
             if vec is None:
                 break
@@ -294,7 +650,7 @@ class MoAModel(nn.Module):
         conv1d = any(site.op == "addmm" for site in self._lora_sites())
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM" if self._captured.is_causal_lm else None,
+            "task_type": "CAUSAL_LM" if self._causal else None,
             "r": first.r,
             "lora_alpha": first.alpha,
             "lora_dropout": max(e.dropout for e in self.spec.experts),
@@ -314,7 +670,7 @@ class MoAModel(nn.Module):
             isinstance(e, LoraExpert) and len(e.ranks) == 1 and not e.share_a for e in self.spec.experts)
 
     def _lora_sites(self):
-        return [p.site for p in getattr(self, "_plan_placements", [])]
+        return [p.site for p in self._first.placements]
 
     def _peft_names(self) -> dict[str, str]:
         """Our adapter tensor names → PEFT's (``base_model.model.<path>.lora_A.weight``)."""
@@ -461,13 +817,14 @@ def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
-    keep = prefix + f"graph_module.{ADAPTER_ROOT}."
+    keep = prefix + f"{ADAPTER_ROOT}."
     for key in [k for k in state if not k.startswith(keep)]:
         del state[key]
 
 
 def _ignore_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f".{ADAPTER_ROOT}." in k]
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if k.startswith(f"{ADAPTER_ROOT}.") or f".{ADAPTER_ROOT}." in k]
 
 
 def _first_difference(a: Any, b: Any, where: str = "spec") -> str:

@@ -90,7 +90,7 @@ def test_trainer_checkpoint_holds_adapters_only_and_handles_tied_weights(tmp_pat
     tr = trainer(moa, tmp_path, max_steps=3)
     tr.train()
     saved = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
-    assert set(saved) == {f"graph_module.moa.{k}" for k in moa.adapter_state_dict()}
+    assert set(saved) == {f"moa.{k}" for k in moa.adapter_state_dict()}
 
 
 def test_trainer_default_columns(tmp_path):

@@ -16,9 +16,9 @@ from tiny import randomize_adapters, tiny_model, tokens
 def test_only_adapters_are_trainable(llama):
     moa = transform(llama, "adamole")
     names = [n for n, p in moa.named_parameters() if p.requires_grad]
-    assert names and all(n.startswith("graph_module.moa.") for n in names)
-    assert "graph_module.moa.model.layers.0.self_attn.q_proj.lora.3.lora_A" in names
-    assert "graph_module.moa.model.layers.1.self_attn.o_proj.threshold.proj.bias" in names
+    assert names and all(n.startswith("moa.") for n in names)
+    assert "moa.model.layers.0.self_attn.q_proj.lora.3.lora_A" in names
+    assert "moa.model.layers.1.self_attn.o_proj.threshold.proj.bias" in names
     trainable, total = moa.trainable_parameter_count()
     # AdaMoLE per projection = E·r(d_in + d_out) + E·d_in + (d_in + 1) (METHODS.md); q,k,v,o of 2 layers
     per = lambda d_in, d_out: 8 * 4 * (d_in + d_out) + 8 * d_in + d_in + 1
@@ -170,7 +170,7 @@ def test_bad_inputs(llama):
     with pytest.raises(InputError, match="attention_mask has shape"):
         moa(input_ids=tokens(), attention_mask=torch.ones(2, 3))
     with pytest.raises(InputError, match="unsupported input"):
-        moa(input_ids=tokens(), position_ids=tokens())
+        moa(input_ids=tokens(), token_type_ids=tokens())
     with pytest.raises(MoaFxError, match="cannot be merged"):
         moa.merge_adapters()
 

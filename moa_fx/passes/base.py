@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch.fx as fx
+from torch import nn
 
 from ..graph import ADAPTER_ROOT, add_submodule, annotate
 from ..sites import SitePlan
@@ -73,7 +74,18 @@ class PassContext:
     extra_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, node name)
     lowering: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> chosen form and reason
 
+    # the adapter modules every graph derived from one model shares: install() reuses a module
+    # already there and adds new ones to it; installed lists the targets this run asked for
+    adapters: Any = None
+    installed: list[str] = field(default_factory=list)
+
     _names: dict[str, fx.Node] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.adapters is None:
+            self.adapters = nn.Module()
+        if getattr(self.gm, ADAPTER_ROOT, None) is not self.adapters:
+            self.gm.add_module(ADAPTER_ROOT, self.adapters)
 
     def node(self, name: str) -> fx.Node:
         """The graph node called ``name`` (nodes are looked up by name: passes store names, not nodes)."""
@@ -85,10 +97,17 @@ class PassContext:
             raise KeyError(name)
         return found
 
-    def install(self, target: str, module) -> str:
-        """Put ``module`` under the GraphModule's adapter root and return its call target."""
+    def install(self, target: str, make: Callable[[], nn.Module]) -> str:
+        """The call target of the adapter module at ``target``: the shared one if it exists (another
+        derived graph made it), else ``make()`` put under the adapter root."""
         full = f"{ADAPTER_ROOT}.{target}"
-        add_submodule(self.gm, full, module)
+        self.installed.append(target)
+        try:
+            existing = self.adapters.get_submodule(target)
+        except AttributeError:
+            existing = None
+        if existing is None or type(existing) is nn.Module:
+            add_submodule(self.gm, full, make())
         return full
 
 

@@ -34,12 +34,15 @@ def insert_lora_experts(ctx: PassContext) -> None:
         anchor = y.next
         for i, r in enumerate(rule.ranks):
             if rule.share_a:
-                module = SharedALoraDelta(shared, site.d_in, site.d_out, r, rule.alpha, rule.dropout,
-                                          device=device, dtype=dtype)
-                shared = shared or module
+                def make(r=r, shared=shared):
+                    return SharedALoraDelta(shared, site.d_in, site.d_out, r, rule.alpha, rule.dropout,
+                                            device=device, dtype=dtype)
             else:
-                module = LoraDelta(site.d_in, site.d_out, r, rule.alpha, rule.dropout, device=device, dtype=dtype)
-            target = ctx.install(f"{site.path}.{rule.name}.{i}", module)
+                def make(r=r):
+                    return LoraDelta(site.d_in, site.d_out, r, rule.alpha, rule.dropout, device=device, dtype=dtype)
+            target = ctx.install(f"{site.path}.{rule.name}.{i}", make)
+            if rule.share_a and shared is None:
+                shared = ctx.gm.get_submodule(target)
             with ctx.gm.graph.inserting_before(anchor):
                 delta = new_node(ctx, "call_module", target, (x,), anchor=y, pass_name=PASS, site=site.path,
                                  role=f"expert {rule.name}.{i}", val=shaped_like(y))

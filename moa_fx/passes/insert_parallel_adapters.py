@@ -30,8 +30,8 @@ def insert_parallel_adapters(ctx: PassContext) -> None:
         val = out.meta.get("val")
         device = val.device if val is not None else None
         dtype = val.dtype if val is not None else None
-        module = ParallelAdapter(site.dim, rule.bottleneck, rule.activation, rule.init_gain, device=device, dtype=dtype)
-        target = ctx.install(f"{site.path}.{rule.name}.0", module)
+        target = ctx.install(f"{site.path}.{rule.name}.0", lambda: ParallelAdapter(
+            site.dim, rule.bottleneck, rule.activation, rule.init_gain, device=device, dtype=dtype))
         with ctx.gm.graph.inserting_before(out.next):
             delta = new_node(ctx, "call_module", target, (h,), anchor=out, pass_name=PASS, site=site.path,
                              role=f"expert {rule.name}", val=shaped_like(out))

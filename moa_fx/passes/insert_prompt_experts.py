@@ -30,10 +30,10 @@ def insert_prompt_experts(ctx: PassContext) -> None:
         sdpa = ctx.node(site.node)
         q = ctx.node(site.query)
         val = sdpa.meta.get("val")
-        module = PromptDelta(rule.length, site.hidden, site.q_heads, site.kv_heads, site.head_dim,
-                             site.k_offset, site.v_offset, site.transposed, device=val.device if val is not None else None,
-                             dtype=val.dtype if val is not None else None)
-        target = ctx.install(f"{site.path}.{rule.name}.0", module)
+        target = ctx.install(f"{site.path}.{rule.name}.0", lambda: PromptDelta(
+            rule.length, site.hidden, site.q_heads, site.kv_heads, site.head_dim, site.k_offset, site.v_offset,
+            site.transposed, device=val.device if val is not None else None,
+            dtype=val.dtype if val is not None else None))
         added = []
         with ctx.gm.graph.inserting_before(sdpa.next):
             weights = []

@@ -44,7 +44,6 @@ def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
     dtype = val.dtype if val is not None else None
     dim = int(val.shape[-1])
     num = len(ids)
-    router = Router(dim, num, spec.form, spec.has_bias, spec.hidden_multiplier, device=device, dtype=dtype)
     added = []
     with ctx.gm.graph.inserting_before(h.next):
         def make(op, target, args, role, val):
@@ -52,13 +51,15 @@ def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
             added.append(node.name)
             return node
 
-        logits = make("call_module", ctx.install(f"{key}.router", router), (h,), "router logits", shaped_like(h, num))
+        router = ctx.install(f"{key}.router", lambda: Router(
+            dim, num, spec.form, spec.has_bias, spec.hidden_multiplier, device=device, dtype=dtype))
+        logits = make("call_module", router, (h,), "router logits", shaped_like(h, num))
         tau = None
         learned = spec.select == "threshold" and spec.threshold.learned
         if learned:
             tau_max = spec.threshold.max if spec.threshold.max is not None else 1.0 / num
-            tau = make("call_module", ctx.install(f"{key}.threshold", Threshold(dim, tau_max, device=device,
-                                                                                dtype=dtype)), (h,), "threshold", shaped_like(h, 1))
+            tau = make("call_module", ctx.install(f"{key}.threshold", lambda: Threshold(
+                dim, tau_max, device=device, dtype=dtype)), (h,), "threshold", shaped_like(h, 1))
         routed = make("call_function", routing.route,
                       (logits, tau, spec.gate, spec.select, spec.top_k, float(spec.threshold.value),
                        spec.threshold.rule, spec.renormalizes), "selection", None)

@@ -1,0 +1,336 @@
+"""Graphs derived from a transformed model's state, one per :class:`GraphKey`, cached.
+
+The state of a :class:`~moa_fx.runtime.MoAModel` is the frozen base model, the spec and the
+adapter modules (experts, routers, thresholds: the only trainable parameters). Every graph it
+runs is *derived* from that state and can be thrown away and derived again:
+
+============================  ===================================================================
+key                           derived how
+============================  ===================================================================
+forward, train                capture (train mode: the base model's dropout is in the graph) +
+                              ``find_sites`` + the pass pipeline, installing the shared adapters
+forward, eval                 :func:`strip_dropout` of the train graph (a rewrite; the same graph
+                              object when the capture has no dropout)
+forward, checkpointing        :func:`checkpoint_blocks` of the forward graph (a rewrite: each
+                              decoder block becomes a submodule called through
+                              ``torch.utils.checkpoint``)
+cached (KV cache in and out)  a capture with the cache as graph inputs and outputs
+                              (:func:`moa_fx.capture.capture` with ``cache=True``) + the same
+                              passes; serves prefill (S ≥ 2) and one-token decode steps (S = 1)
+cached, last logits           :func:`keep_last_logits` of the cached graph (a rewrite: the LM head
+                              reads the last position only, as ``logits_to_keep=1`` does)
+============================  ===================================================================
+
+Moving the model to another device or dtype drops every graph: the next one is captured for the
+new device and dtype (a graph holds device and dtype literals, and an fp32 capture cannot tell a
+``.to(float32)`` that must stay from one that must follow the model's dtype).
+
+Every derived graph installs the *same* adapter module objects (``PassContext.adapters``): what one
+graph trains, another generates with. A derivation that would need an adapter the state does not
+have (or leave one unused) is refused and leaves the state and the other graphs as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import CACHE_KEY, Captured, capture
+from .errors import MoaFxError, PassError
+from .graph import PROVENANCE_KEY, module_paths
+from .passes import PassContext, pipeline, run_pipeline
+from .sites import find_sites
+from .spec import Spec
+
+__all__ = ["GraphKey", "Derived", "DeriveOptions", "derive_by_capture", "strip_dropout", "checkpoint_blocks",
+           "keep_last_logits", "has_dropout", "has_mode_ops", "PURPOSES"]
+
+PURPOSES = ("forward", "cached")
+aten = torch.ops.aten
+
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+             aten.feature_alpha_dropout.default}
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+class GraphKey(NamedTuple):
+    """What a derived graph is for (a tuple, so a compiled forward can look it up)."""
+
+    purpose: str = "forward"  # "forward" (no cache) | "cached" (KV cache in and out)
+    dropout: bool = False  # the base model's own dropout is active (its modules are in train mode)
+    checkpointing: bool = False  # each decoder block recomputed in backward
+    last_logits: bool = False  # logits of the last position only (``logits_to_keep=1``)
+
+    def __str__(self) -> str:
+        parts = [self.purpose, "train" if self.dropout else "eval"]
+        parts += ["checkpointing"] * self.checkpointing + ["last logits"] * self.last_logits
+        return "/".join(parts)
+
+
+@dataclass
+class DeriveOptions:
+    """How ``transform`` was called: every derivation repeats it."""
+
+    example_inputs: Any = None
+    dynamic: bool = True
+    lower: str = "auto"
+    fuse: bool = True
+    until: str | None = None
+
+
+@dataclass
+class Derived:
+    """One derived graph and what the passes recorded while making it."""
+
+    key: GraphKey
+    gm: fx.GraphModule
+    captured: Captured
+    records: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+    routers: dict = field(default_factory=dict)
+    lowering: dict = field(default_factory=dict)
+    placements: list = field(default_factory=list)
+    how: str = "capture"
+    seconds: float = 0.0
+
+    @property
+    def extras(self) -> list[tuple[str, str]]:
+        return list(self.gm.meta.get("moa_fx.extras", []))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.captured.num_outputs
+
+    def replace_graph(self, gm: fx.GraphModule, key: GraphKey, how: str, seconds: float) -> "Derived":
+        return dataclasses.replace(self, gm=gm, key=key, how=how, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# derivation by capture
+# --------------------------------------------------------------------------------------------------
+
+def derive_by_capture(model: nn.Module, spec: Spec, adapters: nn.Module, options: DeriveOptions,
+                      key: GraphKey, *, example_inputs: Any = None, train: bool = True) -> Derived:
+    """Capture ``model`` for ``key`` and run the pass pipeline, installing ``adapters``' modules.
+
+    The first derivation fills ``adapters``; later ones must use exactly the modules it holds. On
+    failure, modules this call added are removed again. The global RNG is left as it was."""
+    start = time.perf_counter()
+    before = _leaf_names(adapters)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            captured = capture(model, example_inputs, dynamic=options.dynamic, train=train,
+                               cache=key.purpose == "cached")
+            plan = find_sites(captured.gm, spec)
+            ctx = PassContext(captured.gm, spec, plan, adapters=adapters)
+            run_pipeline(ctx, pipeline(options.lower, options.fuse), until=options.until)
+        if before:
+            used = set(ctx.installed)
+            if used != before:
+                missing, extra = sorted(before - used), sorted(used - before)
+                raise PassError(f"the {key} graph does not use the same adapters as the model's first graph "
+                                f"(unused: {missing[:3]}, new: {extra[:3]}); this architecture's {key.purpose} "
+                                "capture differs from its training capture")
+    except BaseException:
+        for name in sorted(_leaf_names(adapters) - before, reverse=True):
+            _remove_module(adapters, name)
+        raise
+    return Derived(key=key, gm=captured.gm, captured=captured, records=ctx.records, slots=ctx.slots,
+                   routers=ctx.routers, lowering=ctx.lowering, placements=list(ctx.plan.placements),
+                   how="capture", seconds=time.perf_counter() - start)
+
+
+def _leaf_names(root: nn.Module) -> set[str]:
+    """Paths of the installed adapter modules: non-container modules whose parent is a container."""
+    containers = {name for name, m in root.named_modules() if type(m) is nn.Module}
+    return {name for name, m in root.named_modules()
+            if name and type(m) is not nn.Module and name.rpartition(".")[0] in containers}
+
+
+def _remove_module(root: nn.Module, name: str) -> None:
+    *parents, leaf = name.split(".")
+    owner = root
+    for part in parents:
+        owner = getattr(owner, part)
+    delattr(owner, leaf)
+
+
+# --------------------------------------------------------------------------------------------------
+# derivation by rewrite
+# --------------------------------------------------------------------------------------------------
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing every parameter and submodule."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _is_base_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and PROVENANCE_KEY not in node.meta
+
+
+def has_dropout(gm: fx.GraphModule) -> bool:
+    """Whether the base model's own dropout is in the graph (SDPA with dropout_p > 0 included)."""
+    for node in gm.graph.nodes:
+        if not _is_base_node(node):
+            continue
+        if node.target in _DROPOUTS or (node.target is _SDPA and _sdpa_dropout(node) not in (0, 0.0)):
+            return True
+    return False
+
+
+def has_mode_ops(gm: fx.GraphModule) -> bool:
+    """Ops other than dropout whose train-mode form differs (batch norm): eval needs its own capture."""
+    return any(n.op == "call_function" and "batch_norm" in str(n.target) for n in gm.graph.nodes)
+
+
+def _sdpa_dropout(node: fx.Node) -> Any:
+    if "dropout_p" in node.kwargs:
+        return node.kwargs["dropout_p"]
+    return node.args[4] if len(node.args) > 4 else 0.0
+
+
+def strip_dropout(gm: fx.GraphModule) -> fx.GraphModule:
+    """The eval graph of a train-mode capture: the base model's dropout becomes the identity.
+
+    Matches: base-model (no provenance) ``aten.dropout``-family nodes and SDPA nodes with
+    ``dropout_p > 0``. Emits: uses of the dropout's input, SDPA with ``dropout_p = 0``. Adapter
+    dropout lives in adapter modules and follows their own train/eval mode."""
+    new = copy_graph_module(gm)
+    graph = new.graph
+    for node in list(graph.nodes):
+        if not _is_base_node(node):
+            continue
+        if node.target in _DROPOUTS:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target is _SDPA and _sdpa_dropout(node) not in (0, 0.0):
+            if "dropout_p" in node.kwargs:
+                node.update_kwarg("dropout_p", 0.0)
+            else:
+                node.update_arg(4, 0.0)
+    graph.lint()
+    new.recompile()
+    return new
+
+
+def keep_last_logits(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
+    """Logits of the last position only: the LM head (module ``head_path``) reads ``x[:, -1:]``.
+
+    What follows the head (soft-capping, casts) is elementwise, so slicing its input equals slicing
+    its output, without the other positions' vocabulary-wide GEMM."""
+    new = copy_graph_module(gm)
+    heads = [n for n in new.graph.nodes if n.op == "call_function" and head_path in module_paths(n)
+             and n.target in (aten.linear.default, aten.matmul.default, aten.mm.default)]
+    if len(heads) != 1:
+        raise PassError(f"cannot find the LM head '{head_path}' in the cached graph ({len(heads)} candidates)")
+    head = heads[0]
+    x = head.args[0]
+    with new.graph.inserting_before(head):
+        last = new.graph.call_function(aten.slice.Tensor, (x, 1, -1, 9223372036854775807))
+        last.meta = {k: v for k, v in x.meta.items() if k != "val"}
+        val = x.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            last.meta["val"] = val[:, -1:]
+    head.update_arg(0, last)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], **checkpoint_kwargs: Any) -> fx.GraphModule:
+    """Activation checkpointing: each decoder block's nodes become one submodule called through
+    ``torch.utils.checkpoint.checkpoint`` (non-reentrant by default, RNG state preserved, so dropout
+    recomputes the same mask): backward recomputes the block instead of keeping its activations.
+
+    Matches: nodes traced inside each module path of ``blocks`` (inserted experts and routers carry
+    their anchor's module stack), plus helper nodes whose every user is in the block. Emits: one
+    ``checkpoint(block_i, *inputs)`` call per block and ``getitem`` s of its outputs."""
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+    new = copy_graph_module(gm)
+    graph = new.graph
+    partitions = []
+    for path in blocks:
+        part: dict[fx.Node, None] = {n: None for n in graph.nodes
+                                     if n.op in ("call_function", "call_module") and path in module_paths(n)}
+        if not part:
+            continue
+        grew = True
+        while grew:  # untagged helpers (sym sizes, getitems) used only inside the block join it
+            grew = False
+            for n in graph.nodes:
+                if n in part or n.op not in ("call_function", "call_module") or not n.users:
+                    continue
+                if all(u in part for u in n.users) and any(a in part for a in n.all_input_nodes):
+                    part[n] = None
+                    grew = True
+        partitions.append(part)
+    if not partitions:
+        raise MoaFxError("no decoder blocks found to checkpoint; gradient checkpointing needs repeated blocks "
+                         "(model.layers.N or similar)")
+    fused = fuse_by_partitions(new, partitions, prefix="moa_fx_block_", always_return_tuple=True)
+    use_reentrant = checkpoint_kwargs.pop("use_reentrant", False)
+    if use_reentrant:
+        raise MoaFxError("gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the reentrant "
+                         "variant drops gradients of inputs that do not require grad; use use_reentrant=False")
+    for node in list(fused.graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith("moa_fx_block_"):
+            continue
+        with fused.graph.inserting_before(node):
+            sub = fused.graph.get_attr(node.target)
+            call = fused.graph.call_function(
+                _checkpoint, (sub, *node.args), dict(checkpoint_kwargs))
+            call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        fused.graph.erase_node(node)
+    fused.graph.lint()
+    fused.recompile()
+    fused.meta.update(gm.meta)
+    return fused
+
+
+def _checkpoint(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, ...)`` as a graph target."""
+    import torch.utils.checkpoint as cp
+
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return cp.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def block_paths(gm: fx.GraphModule) -> list[str]:
+    """Decoder block paths (``model.layers.0`` …): the numbered children of the graph's repeated module list."""
+    counts: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        for path in module_paths(node):
+            parts = path.split(".")
+            if len(parts) >= 2 and parts[-1].isdigit():
+                counts.setdefault(".".join(parts[:-1]), set()).add(path)
+    if not counts:
+        return []
+    parent = max(counts, key=lambda p: len(counts[p]))
+    return sorted(counts[parent], key=lambda p: int(p.rsplit(".", 1)[1]))
+
+
+def graph_outputs(gm: fx.GraphModule) -> list[Any]:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return list(output.args[0])
+
+
+def cache_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if CACHE_KEY in n.meta]
+
