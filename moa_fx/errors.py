@@ -16,6 +16,8 @@ __all__ = [
     "InputError",
     "KernelError",
     "AssetError",
+    "SettingError",
+    "RunLockedError",
 ]
 
 
@@ -57,3 +59,11 @@ class KernelError(MoaFxError):
 
 class AssetError(MoaFxError):
     """A real model or task could not be fetched, verified or read."""
+
+
+class SettingError(MoaFxError, ValueError):
+    """A training or command-line setting (steps, batch size, learning rate, ...) is out of range."""
+
+
+class RunLockedError(MoaFxError):
+    """Another ``moa-fx train`` run holds the output directory, or a killed run left its lock."""

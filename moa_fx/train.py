@@ -2,7 +2,9 @@
 
 Map: :class:`TrainConfig` (what defines a run) → :func:`train` (the loop; reports through
 :class:`Callbacks`) → :class:`TrainResult`. Checkpoints: :func:`save_checkpoint` /
-:func:`load_checkpoint`.
+:func:`load_checkpoint`. One run per output directory: :func:`run_lock`. Every batch the data gives
+passes :func:`moa_fx.data.check_batch` before it reaches the model; every setting is checked by
+:class:`TrainConfig` (:class:`~moa_fx.errors.SettingError`).
 
 Determinism: the batch of step ``s`` is drawn from a generator seeded by ``(seed, s)``, the learning
 rate is a function of the step, and the checkpoint stores the torch RNG state, so a run resumed
@@ -19,23 +21,26 @@ Checkpoint layout (``<out>/checkpoint/``), never a pickle:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import socket
 import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .data import Batch, DigitTasks, batch_generator
-from .errors import CheckpointError, MoaFxError
+from .data import Batch, DigitTasks, batch_generator, check_batch
+from .errors import CheckpointError, MoaFxError, RunLockedError, SettingError
 from .runtime import MoAModel, atomic_write, transform
 from .spec import load_spec, spec_to_dict
 
 __all__ = ["TrainConfig", "TrainResult", "Callbacks", "train", "save_checkpoint", "load_checkpoint",
-           "CHECKPOINT_DIR", "STATE_FILE"]
+           "CHECKPOINT_DIR", "STATE_FILE", "LOCK_FILE", "run_lock"]
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -68,13 +73,28 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "save_every", "eval_examples", "log_every"):
-            if getattr(self, name) < 1:
-                raise MoaFxError(f"--{name.replace('_', '-')} = {getattr(self, name)} must be >= 1")
+        for name, (kind, low) in _LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "stop_after":
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SettingError(f"{flag} = {value!r} must be an integer >= {low}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+                raise SettingError(f"{flag} = {value!r} must be a finite number")
+            if value < low or (name == "lr" and value <= 0):
+                raise SettingError(f"{flag} = {value} must be {'> 0' if name == 'lr' else f'>= {low}'}")
         if self.precision not in ("fp32", "bf16"):
-            raise MoaFxError(f"--precision {self.precision!r} is not supported; choose fp32 or bf16 (autocast)")
-        if not self.lr > 0:
-            raise MoaFxError(f"--lr {self.lr} must be > 0")
+            raise SettingError(f"--precision {self.precision!r} is not supported; choose fp32 or bf16 (autocast)")
+
+
+# the numeric settings of a run: (type, smallest allowed value); lr must also be > 0
+_LIMITS: dict[str, tuple[type, float]] = {
+    "steps": (int, 1), "batch_size": (int, 1), "eval_every": (int, 1), "save_every": (int, 1),
+    "eval_examples": (int, 1), "log_every": (int, 1), "warmup": (int, 0), "seed": (int, 0),
+    "stop_after": (int, 1), "lr": (float, 0.0), "weight_decay": (float, 0.0),
+}
 
 
 @dataclasses.dataclass
@@ -212,6 +232,56 @@ def _clean_temporaries(directory: pathlib.Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# the output directory's lock
+# --------------------------------------------------------------------------------------------------
+
+
+LOCK_FILE = ".moa-fx-train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: pathlib.Path):
+    """Hold ``<out>/.moa-fx-train.lock`` for the run: created atomically (``O_CREAT | O_EXCL``), so of
+    two runs on one directory exactly one proceeds; removed when the run ends, however it ends."""
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        raise _locked(path) from None
+    except OSError as err:
+        raise MoaFxError(f"cannot create the lock file '{path}': {err.strerror}; choose a writable --out") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _locked(path: pathlib.Path) -> RunLockedError:
+    """The error for a lock that exists: another live run, or one a killed run left behind."""
+    try:
+        owner = json.loads(path.read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):  # being written right now, or damaged
+        return RunLockedError(f"'{path.parent}' is locked by another moa-fx train run ('{path}'); wait for it, choose "
+                              f"another --out, or remove '{path}' if no run is using the directory")
+    alive = True
+    if host == socket.gethostname() and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # it exists, under another user
+            pass
+    if not alive:
+        return RunLockedError(f"'{path}' was left by pid {pid}, which is no longer running (a killed run); remove it "
+                              f"(rm '{path}') and run again, with --resume to continue from its checkpoint")
+    return RunLockedError(f"'{path.parent}' is in use by another moa-fx train run (pid {pid} on {host}); wait for it "
+                          "to finish or choose another --out")
+
+
+# --------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------
 
@@ -219,8 +289,6 @@ def _clean_temporaries(directory: pathlib.Path) -> None:
 def _autocast(cfg: TrainConfig):
     if cfg.precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -264,22 +332,29 @@ def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callb
     ``model`` is the base model (its weights are frozen and shared). Writes ``<out>/checkpoint`` every
     ``save_every`` steps and at the end, and ``<out>/adapter`` at the end.
     """
-    cb = callbacks or Callbacks()
     out = pathlib.Path(cfg.out)
-    ckpt_dir = out / CHECKPOINT_DIR
     try:  # fail before training, not after the last step
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise MoaFxError(f"cannot create output directory '{out}': {err.strerror}; choose a writable --out") from None
+    with run_lock(out):
+        return _train(cfg, model, data, callbacks or Callbacks(), out)
+
+
+def _train(cfg: TrainConfig, model: nn.Module, data: Any, cb: Callbacks, out: pathlib.Path) -> TrainResult:
+    ckpt_dir = out / CHECKPOINT_DIR
     if ckpt_dir.joinpath(STATE_FILE).exists() and not cfg.resume:
         raise CheckpointError(f"'{out}' already holds a checkpoint; pass --resume to continue it, or choose "
                               "another --out")
     if any(p.device.type == "meta" for p in model.parameters()):
         raise MoaFxError("the model has no weights (meta device); train needs a built-in model or a model "
                          "directory with weights")
+    vocab = int(model.config.vocab_size)
     if data is None:
-        data = DigitTasks(int(model.config.vocab_size))
+        data = DigitTasks(vocab)
     digit_task = isinstance(data, DigitTasks)
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     torch.manual_seed(cfg.seed)
     moa = transform(model, cfg.spec)
     moa.train()
@@ -304,6 +379,7 @@ def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callb
                         for i in range(0, cfg.eval_examples, 64)]
     else:
         eval_batches = data.eval_batches(64)
+    eval_batches = [check_batch(b, vocab, positions) for b in eval_batches]  # before the first step
     trainable, total = moa.trainable_parameter_count()
     cb.on_start({"start": start, "steps": cfg.steps, "trainable": trainable, "total": total,
                  "data": data.describe(), "spec": moa.spec.name, "model": cfg.model})
@@ -319,7 +395,8 @@ def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callb
 
     step = start
     for step in range(start + 1, stop + 1):
-        batch = data.batch(cfg.batch_size, batch_generator(cfg.seed, step))
+        batch = check_batch(data.batch(cfg.batch_size, batch_generator(cfg.seed, step)), vocab, positions,
+                            cfg.batch_size)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
         with _autocast(cfg):

@@ -1,7 +1,8 @@
 """A catalogue of bad inputs: each must raise its moa-fx error class with a message that names the problem.
 
 Sections: spec files and values → site patterns → model inputs → adapter files (damaged, foreign,
-pickles) → training checkpoints and the ``moa-fx train`` command line. Each case asserts the error
+pickles) → training checkpoints, the ``moa-fx train`` command line, the output directory's lock and
+the batches a data object hands the training loop. Each case asserts the error
 class and a fragment of the message; the CLI cases assert a one-line error and exit status 2.
 """
 
@@ -24,7 +25,9 @@ from moa_fx.errors import AdapterLoadError, InputError, MoaFxError, SiteMatchErr
 from moa_fx.runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MoAModel
 from moa_fx.sites import find_sites
 from moa_fx.spec import load_spec
-from moa_fx.train import CHECKPOINT_DIR, STATE_FILE
+from moa_fx.cli.models import load_model
+from moa_fx.data import Batch, JsonlData, check_batch
+from moa_fx.train import CHECKPOINT_DIR, LOCK_FILE, STATE_FILE, Callbacks, TrainConfig, train
 from tiny import TinyMLP, randomize_adapters, tiny_model, tokens
 
 
@@ -501,10 +504,123 @@ def test_new_run_over_an_old_checkpoint(capsys, run_copy):
     assert "already holds a checkpoint; pass --resume" in cli_error(capsys, "train", "--out", str(run_copy), *TRAIN)
 
 
-def test_bad_train_arguments(capsys, tmp_path):
-    assert "--steps = 0 must be >= 1" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, "--steps", "0")
-    assert "--lr -1.0 must be > 0" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, "--lr", "-1")
-    assert "is neither a preset" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, "--spec", "nope")
+BAD_TRAIN_ARGS = [
+    (("--steps", "0"), "--steps = 0 must be >= 1"),
+    (("--steps", "-5"), "--steps = -5 must be >= 1"),
+    (("--lr", "-1"), "--lr = -1.0 must be > 0"),
+    (("--lr", "0"), "--lr = 0.0 must be > 0"),
+    (("--lr", "inf"), "--lr = inf must be a finite number"),
+    (("--lr", "nan"), "--lr = nan must be a finite number"),
+    (("--batch-size", "0"), "--batch-size = 0 must be >= 1"),
+    (("--eval-every", "0"), "--eval-every = 0 must be >= 1"),
+    (("--save-every", "-1"), "--save-every = -1 must be >= 1"),
+    (("--eval-examples", "0"), "--eval-examples = 0 must be >= 1"),
+    (("--stop-after", "0"), "--stop-after = 0 must be >= 1"),
+    (("--seed", "-1"), "--seed = -1 must be >= 0"),
+    (("--threads", "0"), "--threads = 0 must be >= 1"),
+    (("--spec", "nope"), "is neither a preset"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD_TRAIN_ARGS, ids=[" ".join(a) for a, _ in BAD_TRAIN_ARGS])
+def test_bad_train_arguments(capsys, tmp_path, args, fragment):
+    assert fragment in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, *args)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_second_run_on_one_out_fails_while_the_first_runs(capsys, tmp_path):
+    """The first run starts the second from inside its loop: the second must stop, the first finish."""
+    second: list[str] = []
+
+    def start_another(info):
+        second.append(cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN))
+
+    cfg = TrainConfig(out=str(tmp_path), model="tiny-llama", spec="lora", steps=2, batch_size=2, eval_every=100,
+                      save_every=100, eval_examples=2, compile=False)
+    result = train(cfg, load_model("tiny-llama")[0], callbacks=Callbacks(on_start=start_another))
+    assert result.steps == 2 and (tmp_path / "adapter").is_dir()
+    assert f"'{tmp_path}' is in use by another moa-fx train run (pid {os.getpid()}" in second[0]
+    assert "choose another --out" in second[0]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_lock_of_a_killed_run_is_reported_with_how_to_remove_it(capsys, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 0}))
+    line = cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN)
+    assert f"was left by pid {pid}, which is no longer running (a killed run); remove it (rm '{tmp_path / LOCK_FILE}')" \
+        in line
+    (tmp_path / LOCK_FILE).write_text("")  # a lock being written by a run that just started
+    assert "is locked by another moa-fx train run" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN)
+
+
+def test_failed_run_releases_its_lock(capsys, tmp_path):
+    assert "no checkpoint in" in cli_error(capsys, "train", "--out", str(tmp_path), *TRAIN, "--resume")
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+# batches as a data object hands them to the loop: (change to a good batch, message fragment)
+def _batch(**change):
+    ids = torch.randint(4, 100, (2, 6))
+    good = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+    return Batch(**{**good, **change})
+
+
+BAD_BATCHES = [
+    (_batch(labels=torch.full((2, 6), 128)), "batch labels hold 128; labels must be token ids in [0, 128) or -100"),
+    (_batch(labels=torch.full((2, 6), -5)), "batch labels hold -5"),
+    (_batch(labels=torch.full((2, 6), -100)), "every label of the batch is -100: nothing to learn from"),
+    (_batch(input_ids=torch.full((2, 6), 300)), "input_ids hold ids in [300, 300] but the model's vocabulary has 128"),
+    (_batch(input_ids=torch.full((2, 6), -1)), "input_ids hold ids in [-1, -1]"),
+    (_batch(input_ids=torch.ones(2, 6)), "batch input_ids must be an integer tensor of shape (batch, sequence); got "
+                                         "dtype torch.float32"),
+    (_batch(attention_mask=torch.ones(2, 5, dtype=torch.long)), "batch attention_mask has shape (2, 5) but input_ids "
+                                                                "have (2, 6)"),
+    (_batch(attention_mask=torch.full((2, 6), 2)), "attention_mask must hold only 0 (padding) and 1"),
+    (_batch(labels=torch.ones(2, 6, 1, dtype=torch.long)), "batch labels must be an integer tensor"),
+    (_batch(input_ids=torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 1, dtype=torch.long),
+            labels=torch.ones(2, 1, dtype=torch.long)), "sequences of 1 token(s); a language-model step needs at least 2"),
+    (_batch(input_ids=torch.ones(2, 300, dtype=torch.long), attention_mask=torch.ones(2, 300, dtype=torch.long),
+            labels=torch.ones(2, 300, dtype=torch.long)), "sequences of 300 tokens but the model has 256 positions"),
+    ({"input_ids": torch.ones(2, 6)}, "the data gave a dict, not a moa_fx.data.Batch"),
+]
+
+
+@pytest.mark.parametrize("batch,fragment", BAD_BATCHES, ids=[f"batch{i}" for i in range(len(BAD_BATCHES))])
+def test_bad_batch_from_the_data(batch, fragment):
+    with pytest.raises(InputError) as info:
+        check_batch(batch, vocab_size=128, max_positions=256)
+    assert fragment in str(info.value)
+
+
+def test_bad_batch_stops_the_loop_before_the_model(tmp_path):
+    class ShortBatches:
+        """A user's data object whose batches are smaller than asked for."""
+
+        def describe(self):
+            return "short batches"
+
+        def batch(self, batch_size, gen):
+            return _batch()
+
+        def eval_batches(self, batch_size):
+            return [_batch()]
+
+    cfg = TrainConfig(out=str(tmp_path), model="tiny-llama", spec="lora", steps=2, batch_size=4, compile=False)
+    with pytest.raises(InputError, match="the data gave a batch of 2 sequences; --batch-size asks for 4"):
+        train(cfg, tiny_model("llama"), ShortBatches())
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_jsonl_max_length_is_checked(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n')
+    with pytest.raises(InputError, match="JsonlData max_length = 1 must be an integer >= 2"):
+        JsonlData(tmp_path / "d.jsonl", tokenizer=None, max_length=1)
 
 
 def test_output_directory_under_a_regular_file(capsys, tmp_path):

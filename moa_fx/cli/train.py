@@ -6,6 +6,10 @@ mixture of four digit tasks (copy / reverse / sort / increment of 3-8 digits, lo
 tokens only), so the router has tasks to tell apart. Each evaluation reports the held-out loss and
 answer accuracy (every answer token right under greedy decoding).
 
+One run at a time per OUT: a second run on the same directory fails while the first holds
+OUT/.moa-fx-train.lock (created atomically, removed at the end; a killed run's lock is reported
+with how to remove it).
+
 Writes OUT/checkpoint (adapters, optimizer state and RNG state in safetensors, step and loss
 history in JSON; never a pickle) every --save-every steps and at the end, and OUT/adapter
 (MoAModel.save_adapters) at the end. --resume continues from OUT/checkpoint along the same loss
@@ -27,7 +31,7 @@ import time
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..errors import MoaFxError
+from ..errors import MoaFxError, SettingError
 from ..train import TrainConfig, Callbacks, train
 from .models import MODEL_HELP, TINY, load_model
 from .render import fmt_count, render_router_stats
@@ -117,6 +121,8 @@ def run(args: argparse.Namespace, console) -> int:
                       batch_size=args.batch_size, lr=args.lr, precision=args.precision, compile=args.compile,
                       seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                       eval_examples=args.eval_examples, resume=args.resume, stop_after=args.stop_after)
+    if args.threads is not None and args.threads < 1:
+        raise SettingError(f"--threads = {args.threads} must be >= 1")
     model, how = load_model(args.model)
     if how == "meta":
         raise MoaFxError(f"'{args.model}' has no weights (a config is built on the meta device); train a built-in "

@@ -9,6 +9,6 @@ Both give a batch for any step from ``(seed, step)`` alone, so a resumed run see
 batches an uninterrupted run would.
 """
 
-from .synthetic import Batch, DigitTasks, JsonlData, batch_generator
+from .synthetic import Batch, DigitTasks, JsonlData, batch_generator, check_batch
 
-__all__ = ["Batch", "DigitTasks", "JsonlData", "batch_generator"]
+__all__ = ["Batch", "DigitTasks", "JsonlData", "batch_generator", "check_batch"]
