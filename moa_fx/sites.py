@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import SiteMatchError
+from .errors import SiteMatchError, SpecError
 from .graph import all_module_paths, layer_index, module_path, module_paths
 from .spec import ExpertSpec, LoraExpert, ParallelAdapterExpert, PromptExpert, Spec, check_pattern
 
@@ -643,6 +643,15 @@ def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
                 blocks[bpath] = scope
             placed.append(dataclasses.replace(p, block=bpath))
         placements = placed
+        if router.select == "topk":  # the spec alone cannot know how many experts a block holds
+            per_block: dict[str, int] = {}
+            for p in placements:
+                count = len(p.rule.ranks) if isinstance(p.rule, LoraExpert) else 1
+                per_block[p.block] = per_block.get(p.block, 0) + count
+            fewest = min(per_block, key=per_block.get)
+            if router.top_k > per_block[fewest]:
+                raise SpecError(f"router.top_k = {router.top_k} is not valid for this model; block '{fewest}' holds "
+                                f"only {per_block[fewest]} experts, so top_k must be <= {per_block[fewest]}")
     return SitePlan(placements=placements, blocks=blocks, matches=matched, notes=notes)
 
 

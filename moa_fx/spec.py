@@ -105,7 +105,7 @@ def _regex_problem(regex: str) -> str | None:
     except (re.error, RecursionError, OverflowError) as err:
         return f"does not compile ({err})"
     names = sre_parse
-    repeats = (names.MAX_REPEAT, names.MIN_REPEAT) + ((names.POSSESSIVE_REPEAT,) if hasattr(names, "POSSESSIVE_REPEAT") else ())
+    repeats = (names.MAX_REPEAT, names.MIN_REPEAT, getattr(names, "POSSESSIVE_REPEAT", names.MAX_REPEAT))
     count = 0
 
     def subpatterns(av: Any):

@@ -204,6 +204,13 @@ def test_bad_pattern(llama_gm, spec, fragment):
     assert fragment in str(info.value)
 
 
+def test_block_top_k_beyond_the_experts_of_a_block(llama_gm):
+    spec = {"expert": [{"kind": "lora", "at": ["@q"]}], "router": {"scope": "@blocks", "select": "topk", "top_k": 3}}
+    with pytest.raises(SpecError, match=r"router.top_k = 3 is not valid for this model; block 'model.layers.0' holds "
+                                        r"only 1 experts, so top_k must be <= 1"):
+        find_sites(llama_gm, load_spec(spec))
+
+
 def test_gpt2_spec_on_llama_end_to_end():
     with pytest.raises(SiteMatchError, match=r"\['\*\.c_attn', '\*\.mlp\.c_proj'\] matched no linear projection"):
         transform(tiny_model("llama"), lora_at("*.c_attn", "*.mlp.c_proj"))

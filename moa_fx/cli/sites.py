@@ -153,7 +153,8 @@ def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None, low
         "parameters_by_kind": by_kind, "trainable": trainable, "base": base, "lowering": lowering,
         "trainable_percent": 100.0 * trainable / max(base + trainable, 1),
         # choices made for the user: which input a multi-input span reads, a raw block input for the router
-        "notes": [{"note": text, "paths": compress_paths(paths)} for text, paths in (plan.notes if plan else {}).items()],
+        "notes": [{"note": text, "paths": compress_paths(paths)}
+                  for text, paths in (plan.notes if plan is not None else {}).items()],
     }
 
 
