@@ -32,6 +32,7 @@ have (or leave one unused) is refused and leaves the state and the other graphs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -124,8 +125,11 @@ def derive_by_capture(model: nn.Module, spec: Spec, adapters: nn.Module, options
     start = time.perf_counter()
     before = _leaf_names(adapters)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    # the first derivation initialises the adapters from the global RNG (as PEFT does); later ones
+    # create nothing and must not move the RNG (a generate derived mid-sampling draws the same tokens)
+    rng = torch.random.fork_rng(devices=devices) if before else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=devices):
+        with rng:
             captured = capture(model, example_inputs, dynamic=options.dynamic, train=train,
                                cache=key.purpose == "cached")
             plan = find_sites(captured.gm, spec)
@@ -251,7 +255,8 @@ def keep_last_logits(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
     return new
 
 
-def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], **checkpoint_kwargs: Any) -> fx.GraphModule:
+def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], *, offload: bool = False,
+                      **checkpoint_kwargs: Any) -> fx.GraphModule:
     """Activation checkpointing: each decoder block's nodes become one submodule called through
     ``torch.utils.checkpoint.checkpoint`` (non-reentrant by default, RNG state preserved, so dropout
     recomputes the same mask): backward recomputes the block instead of keeping its activations.
@@ -283,10 +288,7 @@ def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], **checkpoint_kwargs
         raise MoaFxError("no decoder blocks found to checkpoint; gradient checkpointing needs repeated blocks "
                          "(model.layers.N or similar)")
     fused = fuse_by_partitions(new, partitions, prefix="moa_fx_block_", always_return_tuple=True)
-    use_reentrant = checkpoint_kwargs.pop("use_reentrant", False)
-    if use_reentrant:
-        raise MoaFxError("gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the reentrant "
-                         "variant drops gradients of inputs that do not require grad; use use_reentrant=False")
+    checkpoint_kwargs["offload"] = offload
     for node in list(fused.graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith("moa_fx_block_"):
             continue
@@ -303,13 +305,19 @@ def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], **checkpoint_kwargs
     return fused
 
 
-def _checkpoint(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, ...)`` as a graph target."""
+def _checkpoint(fn: Callable, *args: Any, offload: bool = False, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, ...)`` as a graph target;
+    ``offload`` keeps the saved inputs in host memory (pinned when CUDA is there)."""
+    import contextlib
+
     import torch.utils.checkpoint as cp
 
     if not torch.is_grad_enabled():
         return fn(*args)
-    return cp.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    ctx = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
+        else contextlib.nullcontext()
+    with ctx:
+        return cp.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 def block_paths(gm: fx.GraphModule) -> list[str]:

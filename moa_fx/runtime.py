@@ -207,8 +207,10 @@ class MoAModel(nn.Module):
         start = time.perf_counter()
         if key.checkpointing:
             src = self._get(key._replace(checkpointing=False))
-            blocks = block_paths(src.gm)
-            made = src.replace_graph(checkpoint_blocks(src.gm, blocks, **dict(self._checkpointing or {})), key,
+            ckpt = self._checkpointing or {"kwargs": {}, "every_n_layers": 1, "offload": False}
+            blocks = block_paths(src.gm)[::ckpt["every_n_layers"]]
+            rewritten = checkpoint_blocks(src.gm, blocks, offload=ckpt["offload"], **ckpt["kwargs"])
+            made = src.replace_graph(rewritten, key,
                                      f"rewrite of {src.key}: checkpoint_blocks", 0.0)
         elif key.last_logits:
             src = self._get(key._replace(last_logits=False))
@@ -248,11 +250,14 @@ class MoAModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``…: move the state, then derive the forward
-        graph for the new device and dtype. If that fails, the state moves back and the old graphs stay."""
+        graph for the new device and dtype. If that fails, every tensor is put back as it was (the
+        originals are held until the new graph exists) and the old graphs stay."""
         before = self._device_dtype()
+        params = [(p, p.data) for p in self.parameters()]
+        buffers = [(m, name, b) for m in self.modules() for name, b in m._buffers.items() if b is not None]
         out = super()._apply(fn, recurse)
         after = self._device_dtype()
-        if after == before or getattr(self, "_moving_back", False):
+        if after == before:
             return out
         old, old_last = self._graphs, self._last
         self._graphs = {}
@@ -260,11 +265,11 @@ class MoAModel(nn.Module):
             if after[0].type != "meta":
                 self._last = self.derived()
         except BaseException:
-            self._moving_back = True
-            try:
-                super()._apply(lambda t: t.to(before[0], before[1] if t.is_floating_point() else t.dtype), recurse)
-            finally:
-                self._moving_back = False
+            with torch.no_grad():
+                for p, data in params:
+                    p.data = data
+                for m, name, b in buffers:
+                    m._buffers[name] = b
             self._graphs, self._last = old, old_last
             raise
         return out
@@ -277,13 +282,16 @@ class MoAModel(nn.Module):
     # activation checkpointing (the HF names, so the Trainer's gradient_checkpointing flag works)
     # ------------------------------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder block in backward instead of keeping its activations (train mode).
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute decoder blocks in backward instead of keeping their activations (train mode), as
+        transformers' method of this name does: ``every_n_layers`` checkpoints blocks 0, n, 2n, …;
+        ``offload`` keeps the blocks' saved inputs in (pinned) host memory.
 
-        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``; the non-reentrant
-        variant is always used (``use_reentrant=True`` is refused: it drops the adapters' gradients
-        where a block's inputs need none)."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+        ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``; the non-reentrant
+        variant is always used (``use_reentrant=True`` is refused: it gives no gradient to adapters in
+        blocks whose inputs need none)."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             raise InputError("gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: reentrant "
                              "checkpointing gives no gradient to adapters in blocks whose inputs need none; pass "
@@ -293,11 +301,19 @@ class MoAModel(nn.Module):
         if unknown:
             raise InputError(f"gradient_checkpointing_kwargs {unknown} are not checkpoint options; valid: "
                              "'use_reentrant' (False), 'preserve_rng_state', 'determinism_check', 'debug'")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise InputError(f"every_n_layers = {every_n_layers!r} is not valid; give an int >= 1")
         self._graphs = {k: v for k, v in self._graphs.items() if not k.checkpointing}
-        self._checkpointing = kwargs
+        self._checkpointing = {"kwargs": kwargs, "every_n_layers": every_n_layers, "offload": bool(offload)}
 
-    def gradient_checkpointing_disable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """transformers' older name of :meth:`activation_checkpointing_enable` (the Trainer calls either)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
         self._checkpointing = None
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -438,14 +454,14 @@ class MoAModel(nn.Module):
         layout = derived.captured.cache
         batch = ids.shape[0]
         device, dtype = self._device_dtype()
-        fresh = cache is None or cache.get_seq_length() == 0 and not any(
-            getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in getattr(cache, "layers", []))
         if cache is not None:
             from transformers import DynamicCache
 
             if not isinstance(cache, DynamicCache) or type(cache).__name__ != "DynamicCache":
                 raise InputError(f"a {type(cache).__name__} was given as the cache; a transformed model uses "
                                  "transformers' DynamicCache (pass DynamicCache() or let generate make one)")
+        fresh = cache is None or cache.get_seq_length() == 0 and not any(
+            getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in getattr(cache, "layers", []))
         if fresh:
             empty = [torch.zeros(batch, h, 0, d, dtype=dtype, device=device) for h, d in layout]
             return (empty, [torch.zeros_like(t) for t in empty]), cache

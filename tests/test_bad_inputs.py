@@ -235,14 +235,15 @@ INPUT_CASES = [
     (dict(input_ids=IDS.float()), "input_ids must be an integer tensor of shape (batch, sequence); got dtype "
                                   "torch.float32"),
     (dict(input_ids=IDS[0]), "got dtype torch.int64 and shape (6,)"),
-    (dict(input_ids=IDS[:, :1]), "sequences must have at least 2 tokens"),
+    (dict(input_ids=IDS[:, :0]), "input_ids hold no tokens"),
     (dict(input_ids=IDS, attention_mask=torch.ones(2, 5, dtype=torch.long)),
      "attention_mask has shape (2, 5) but input_ids have (2, 6)"),
     (dict(input_ids=IDS, labels=IDS[:, :4]), "labels have shape (2, 4) but input_ids have (2, 6)"),
     (dict(input_ids=IDS + 128), "but the vocabulary has 128 entries"),
     (dict(input_ids=IDS - 200), "input_ids hold ids in [-1"),
     (dict(input_ids=IDS, token_type_ids=IDS), "unsupported input(s) ['token_type_ids']"),
-    (dict(input_ids=IDS, past_key_values=object()), "past_key_values is not supported"),
+    (dict(input_ids=IDS, past_key_values=object()), "a object was given as the cache; a transformed model uses "
+     "transformers' DynamicCache"),
     (dict(input_ids=IDS, output_attentions=True), "output_attentions=True is not supported"),
     (dict(), "input_ids is required"),
 ]
