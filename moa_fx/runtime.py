@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     _CACHE_FIELD = "past_key_values"
 
 # forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LM_ARGS = ("position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
             "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
 
@@ -182,10 +183,12 @@ class MoAModel(nn.Module):
             return p.device, p.dtype
         return torch.device("cpu"), torch.float32
 
-    def _key(self, purpose: str = "forward", last_logits: bool = False) -> GraphKey:
+    def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None) -> GraphKey:
+        """The key of the graph a call needs now: the base model's mode decides dropout and checkpointing."""
         train = self.model.training
-        return GraphKey(purpose, self._has_dropout and train,
-                        self._checkpointing is not None and train and purpose == "forward", last_logits)
+        if checkpointing is None:
+            checkpointing = self._checkpointing is not None and train and purpose == "forward"
+        return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits)
 
     def derived(self, purpose: str = "forward", *, last_logits: bool = False) -> Derived:
         """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use.
@@ -262,6 +265,11 @@ class MoAModel(nn.Module):
         old, old_last = self._graphs, self._last
         self._graphs = {}
         try:
+            allowed = _FLOAT_DTYPES + ((torch.float64,) if self._options.lower == "off" else ())
+            if after[1] not in allowed:
+                raise InputError(f"a transformed model runs in {', '.join(str(d) for d in allowed)}, not "
+                                 f"{after[1]} (its fused ops have no {after[1]} kernels; float64 needs "
+                                 f"transform(..., lower='off')); the model stays in {before[1]}")
             if after[0].type != "meta":
                 self._last = self.derived()
         except BaseException:
@@ -275,7 +283,10 @@ class MoAModel(nn.Module):
         return out
 
     def train(self, mode: bool = True) -> "MoAModel":
+        """Train or eval mode for the base model and the adapters; the forward graph for the new mode
+        is derived now (a rewrite or the same graph), so a compiled forward finds it ready."""
         super().train(mode)
+        self.derived()
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -305,6 +316,7 @@ class MoAModel(nn.Module):
             raise InputError(f"every_n_layers = {every_n_layers!r} is not valid; give an int >= 1")
         self._graphs = {k: v for k, v in self._graphs.items() if not k.checkpointing}
         self._checkpointing = {"kwargs": kwargs, "every_n_layers": every_n_layers, "offload": bool(offload)}
+        self._derive(self._key(checkpointing=True))  # ready before a compiled forward needs it
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """transformers' older name of :meth:`activation_checkpointing_enable` (the Trainer calls either)."""

@@ -155,6 +155,16 @@ def test_a_failed_move_leaves_the_model_where_it_was(monkeypatch):
     torch.testing.assert_close(moa(input_ids=ids).logits, before)
 
 
+def test_a_dtype_without_kernels_is_refused_and_the_model_stays():
+    moa = transform(tiny_model("llama"), "lora").eval()
+    ids = tokens(2, 6)
+    before = moa(input_ids=ids).logits
+    with pytest.raises(InputError, match="not torch.float8_e4m3fn"):
+        moa.to(torch.float8_e4m3fn)
+    assert moa.dtype == torch.float32 and all(p.dtype == torch.float32 for p in moa.parameters())
+    torch.testing.assert_close(moa(input_ids=ids).logits, before)
+
+
 @pytest.mark.parametrize("preset", ["lora", "sparse_moa", "adamole"])
 def test_checkpointing_gives_the_same_gradients(preset):
     moa = transform(tiny_model("llama", init=0.2), preset)
