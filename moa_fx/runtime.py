@@ -23,6 +23,7 @@ index); routers under ``moa.<site or block path>.router``, thresholds under ``â€
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -69,6 +70,21 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LM_ARGS = ("position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
             "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
+
+
+@dataclasses.dataclass
+class MoAPeftConfig:
+    """What ``model.peft_config["default"]`` holds: PEFT's common config fields and the spec."""
+
+    peft_type: str
+    task_type: str | None
+    base_model_name_or_path: str | None
+    inference_mode: bool
+    spec: Spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "task_type": self.task_type, "inference_mode": self.inference_mode,
+                "base_model_name_or_path": self.base_model_name_or_path, "moa_fx": {"spec": spec_to_dict(self.spec)}}
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
@@ -128,6 +144,9 @@ class MoAModel(nn.Module):
         self._first = first  # what transform() made: records and site plan for reports
         self.derivations: list[tuple[str, str, float]] = [(str(first.key), first.how, first.seconds)]
         self._checkpointing: dict | None = None
+        self._disabled = False  # inside disable_adapter()
+        self._merged = False  # after merge_and_unload()
+        self.warnings_issued: dict = {}  # the Trainer and TRL record one-time warnings here, as on a PreTrainedModel
         self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
         self._last: Derived = first
         self._stats: list[torch.Tensor] = []
@@ -341,6 +360,11 @@ class MoAModel(nn.Module):
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
             if value is not None:
                 kwargs[name] = value
+        if self._merged:
+            raise MoaFxError("the adapters were merged into the base model (merge_and_unload); use the model it "
+                             "returned")
+        if self._disabled:  # disable_adapter(): the base model itself
+            return self.model(*args, labels=labels, **kwargs) if labels is not None else self.model(*args, **kwargs)
         if not self._causal:
             derived = self.derived()
             flat = self._plain_inputs(derived, args, kwargs)
@@ -543,6 +567,8 @@ class MoAModel(nn.Module):
         if not self._causal or not hasattr(self.model, "generate"):
             raise InputError(f"{self.model_class} is not a causal LM with a generate method; generate needs a "
                              "transformers causal LM (AutoModelForCausalLM)")
+        if self._disabled:
+            return self.model.generate(*args, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
             raise InputError("generate(inputs_embeds=...) is not supported by a transformed model; pass input_ids")
         base = self.model
@@ -566,9 +592,104 @@ class MoAModel(nn.Module):
     def can_generate(self) -> bool:
         return self._causal and hasattr(self.model, "generate")
 
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+        """The base model's own (generate calls it on the base, whose forward is this model's)."""
+        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # the transformers / PEFT surface: attributes with their meaning there
+    # ------------------------------------------------------------------------------------------
+
     @property
     def generation_config(self) -> Any:
         return getattr(self.model, "generation_config", None)
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.model.generation_config = value
+
+    @property
+    def loss_type(self) -> Any:
+        """The base model's (the Trainer reads it to count the shifted labels in num_items_in_batch)."""
+        return getattr(self.model, "loss_type", None)
+
+    @property
+    def name_or_path(self) -> str:
+        return getattr(self.model, "name_or_path", None) or getattr(self.config, "_name_or_path", "") or ""
+
+    @property
+    def base_model(self) -> "MoAModel":
+        """As in PEFT (``peft_model.base_model`` is the adapted model, ``.base_model.model`` the base):
+        calling it runs the adapters; ``get_base_model()`` is the bare base model."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        get = getattr(self.model, "get_output_embeddings", None)
+        return get() if get is not None else None
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        tie = getattr(self.model, "tie_weights", None)
+        if tie is not None:
+            tie(*args, **kwargs)
+
+    def add_model_tags(self, tags: Any) -> None:
+        add = getattr(self.model, "add_model_tags", None)
+        if add is not None:
+            add(tags)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count: every distinct parameter (or the trainable ones), optionally without embeddings."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self._disabled else ["default"]
+
+    @property
+    def active_adapter(self) -> str:
+        return "default"
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """``{"default": config}`` as in PEFT; the config carries ``peft_type``, ``task_type``,
+        ``base_model_name_or_path``, ``inference_mode`` and the moa-fx spec."""
+        cfg = self.adapter_config()
+        return {"default": MoAPeftConfig(peft_type=cfg["peft_type"], task_type="CAUSAL_LM" if self._causal else None,
+                                         base_model_name_or_path=self.name_or_path or None,
+                                         inference_mode=not any(p.requires_grad for p in self.moa.parameters()),
+                                         spec=self.spec)}
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside, the model is the base model: forward and generate run it without any adapter."""
+        was, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = was
+
+    def enable_input_require_grads(self) -> None:
+        """Accepted for the Trainer and TRL, and not needed: PEFT calls it so that reentrant
+        checkpointing sees an input that needs grad; moa-fx checkpointing is non-reentrant, so the
+        adapters get their gradients without it (tests/test_derive.py)."""
+
+    def disable_input_require_grads(self) -> None:
+        """The counterpart of :meth:`enable_input_require_grads` (nothing to undo)."""
 
     def _plain_inputs(self, derived: Derived, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         names = derived.captured.input_names
@@ -644,11 +765,27 @@ class MoAModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def merge_adapters(self) -> None:
-        """Refused: a routed mixture is input-dependent and cannot be folded into base weights."""
-        raise MoaFxError("a mixture of adapters cannot be merged into the base weights: the expert weights depend "
-                         "on each token; keep the adapters separate (plain LoRA can be merged with PEFT after "
-                         "save_adapters)")
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """PEFT's name: fold the adapters into the base weights and return the base model.
+
+        Only router-less LoRA (plain LoRA, fixed-weight mixtures of LoRA experts) merges; a routed
+        mixture depends on each token and is refused. ``safe_merge`` checks the merged weights for
+        NaN. Afterwards this wrapper refuses to run (its base now holds the adapters)."""
+        from .interop import merge_lora
+
+        if adapter_names not in (None, ["default"]):
+            raise InputError(f"adapter_names = {adapter_names!r}: a transformed model has one adapter, 'default'")
+        base = merge_lora(self)
+        if safe_merge and not all(torch.isfinite(p).all() for p in base.parameters() if p.is_floating_point()):
+            raise MoaFxError("merging produced NaN or inf weights; the adapters are broken")
+        self._merged = True
+        self._graphs = {}
+        return base
+
+    def merge_adapters(self) -> nn.Module:
+        """The older name of :meth:`merge_and_unload`."""
+        return self.merge_and_unload()
 
     # ------------------------------------------------------------------------------------------
     # save / load
@@ -664,7 +801,7 @@ class MoAModel(nn.Module):
             "tensors": {k: list(v.shape) for k, v in self.adapter_state_dict().items()},
         }
         if not self.is_plain_lora():
-            return {"peft_type": "MOA_FX", "moa_fx": own}
+            return {"peft_type": "MOA_FX", "base_model_name_or_path": self.name_or_path or None, "moa_fx": own}
         rules = {e.name: e for e in self.spec.experts}
         sites = [s for s in self.slots]
         first = self.spec.experts[0]
@@ -744,13 +881,23 @@ class MoAModel(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
         own = config.get("moa_fx") if isinstance(config, dict) else None
+        if isinstance(config, dict) and own is None and config.get("peft_type") is not None:
+            return self._load_peft_lora(directory)
         if not isinstance(own, dict) or "spec" not in own:
-            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'moa_fx.spec'); adapters made "
-                                   "by PEFT itself load with PEFT")
+            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'moa_fx.spec') nor a PEFT one")
         try:
             saved_spec = spec_from_dict(own["spec"])
         except MoaFxError as err:
             raise AdapterLoadError(f"'{cfg_path}' holds an invalid spec: {err}") from None
+        if config.get("peft_type") == "LORA":
+            # PEFT reads these fields, moa-fx the spec: both must describe one model
+            written = self.adapter_config() if spec_to_dict(saved_spec) == spec_to_dict(self.spec) else {}
+            for field_name in _PEFT_LORA_FIELDS:
+                if written and _canonical(config.get(field_name)) != _canonical(written.get(field_name)):
+                    raise AdapterLoadError(
+                        f"'{cfg_path}' says {field_name} = {config.get(field_name)!r} but its moa-fx spec gives "
+                        f"{written.get(field_name)!r}: the file was edited, and PEFT would load another model than "
+                        "moa-fx; restore the field or save the adapters again")
         if spec_to_dict(saved_spec) != spec_to_dict(self.spec):
             diff = _first_difference(spec_to_dict(saved_spec), spec_to_dict(self.spec))
             raise AdapterLoadError(f"adapters in '{directory}' were saved for another spec ({diff}); "
@@ -781,6 +928,99 @@ class MoAModel(nn.Module):
                                    "damaged or comes from another save; save the adapters again")
         self.adapters.load_state_dict({k: tensors[k] for k in own}, strict=True)
 
+    def _load_peft_lora(self, directory: pathlib.Path) -> None:
+        """A PEFT LoRA directory into this model, whose spec must equal the one its config describes."""
+        from .interop import peft_tensors_to_moa, read_peft_lora, spec_from_peft_config
+
+        cfg, tensors = read_peft_lora(directory)
+        if not self.is_plain_lora():
+            raise AdapterLoadError(f"'{directory}' is a PEFT LoRA and this model is a mixture; load it into a plain "
+                                   "LoRA model (MoAModel.from_pretrained(base, dir)) or seed the mixture's experts "
+                                   "with seed_from_peft(dir)")
+        want = spec_from_peft_config(cfg, self.model)
+        if _peft_sites(want) != _placed_sites(self):
+            raise AdapterLoadError(f"'{directory}' adapts other modules or ranks than this model's spec; load it with "
+                                   "MoAModel.from_pretrained(base, dir), which builds the spec from its config")
+        mine = peft_tensors_to_moa(self, tensors)
+        own = self.adapter_state_dict()
+        for k, v in own.items():
+            if k not in mine:
+                raise AdapterLoadError(f"'{directory}' has no tensor for {k}")
+            if tuple(mine[k].shape) != tuple(v.shape):
+                raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(mine[k].shape)} in '{directory}' but "
+                                       f"this model expects {tuple(v.shape)}: the base model differs")
+        self.adapters.load_state_dict({k: mine[k] for k in own}, strict=True)
+
+    def seed_from_peft(self, directory: str | os.PathLike) -> dict[str, int]:
+        """Start every LoRA expert of this mixture from a PEFT LoRA at the same projection and rank."""
+        from .interop import seed_experts_from_peft
+
+        return seed_experts_from_peft(self, directory)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
+        """PEFT's name for :meth:`save_adapters` (``adapter_model.safetensors`` + ``adapter_config.json``,
+        PEFT's layout for plain LoRA, the base model's name inside)."""
+        if not safe_serialization:
+            raise InputError("safe_serialization=False is not supported: moa-fx writes safetensors only (no pickles)")
+        if selected_adapters not in (None, ["default"]):
+            raise InputError(f"selected_adapters = {selected_adapters!r}: a transformed model has one adapter, "
+                             "'default'")
+        unknown = sorted(set(kwargs) - {"save_embedding_layers", "path_initial_model_for_weight_conversion"})
+        if unknown or kwargs.get("save_embedding_layers") is True:
+            raise InputError(f"save_pretrained arguments {unknown or ['save_embedding_layers=True']} are not "
+                             "supported: a transformed model saves its adapters only")
+        if is_main_process:
+            self.save_adapters(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module | str | os.PathLike, directory: str | os.PathLike | None = None,
+                        *, spec: Spec | str | dict | None = None, **kwargs: Any) -> "MoAModel":
+        """Load adapters onto ``model`` (PEFT's ``PeftModel.from_pretrained(base, dir)``).
+
+        ``directory`` is one written by :meth:`save_pretrained`, a PEFT LoRA directory (its config
+        becomes the spec), or a Trainer checkpoint (``model.safetensors``; give the ``spec`` it was
+        trained with). With one argument, ``model`` is the directory and the base model is loaded from
+        the path its config names (``base_model_name_or_path``, a local directory)."""
+        if directory is None:
+            directory, model = model, _load_named_base(pathlib.Path(model))  # type: ignore[arg-type]
+        directory = pathlib.Path(directory)
+        cfg_path = directory / ADAPTER_CONFIG
+        if not cfg_path.exists():
+            from .interop import TRAINER_WEIGHTS, read_trainer_checkpoint
+
+            if (directory / TRAINER_WEIGHTS).exists():
+                if spec is None:
+                    raise AdapterLoadError(f"'{directory}' is a Trainer checkpoint (model.safetensors, no spec inside); "
+                                           "give the spec it was trained with: from_pretrained(base, dir, spec=...)")
+                moa = transform(model, spec, **kwargs)
+                tensors = read_trainer_checkpoint(directory)
+                own = moa.adapter_state_dict()
+                if set(tensors) != set(own):
+                    raise AdapterLoadError(f"'{directory}' holds adapters of another spec "
+                                           f"({len(set(tensors) ^ set(own))} tensor names differ)")
+                for k, v in own.items():
+                    if tuple(tensors[k].shape) != tuple(v.shape):
+                        raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(tensors[k].shape)} but this "
+                                               f"model expects {tuple(v.shape)}: the base model differs")
+                moa.adapters.load_state_dict(tensors, strict=True)
+                return moa
+            raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_pretrained, a PEFT "
+                                   "LoRA directory or a Trainer checkpoint")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
+        if isinstance(config, dict) and "moa_fx" not in config and config.get("peft_type") is not None:
+            from .interop import read_peft_lora, spec_from_peft_config
+
+            peft_cfg, _ = read_peft_lora(directory)
+            moa = transform(model, spec_from_peft_config(peft_cfg, model), **kwargs)
+            moa.load_adapters(directory)
+            return moa
+        return cls.from_adapters(model, directory, **kwargs)
+
     @classmethod
     def from_adapters(cls, model: nn.Module, directory: str | os.PathLike, **kwargs: Any) -> "MoAModel":
         """Transform ``model`` with the spec saved in ``directory`` and load the adapters."""
@@ -796,6 +1036,42 @@ class MoAModel(nn.Module):
         return moa
 
 
+def _peft_sites(spec: Spec) -> dict[str, tuple]:
+    """{module path: (ranks, alpha)} of a spec made by interop.spec_from_peft_config (exact paths)."""
+    return {path: (tuple(rule.ranks), float(rule.alpha)) for rule in spec.experts for path in rule.patterns}
+
+
+def _placed_sites(moa: "MoAModel") -> dict[str, tuple]:
+    return {p.site.path: (tuple(p.rule.ranks), float(p.rule.alpha)) for p in moa._first.placements}
+
+
+def _load_named_base(directory: pathlib.Path) -> nn.Module:
+    """The base model an adapter directory names (``base_model_name_or_path``), from a local path."""
+    cfg_path = directory / ADAPTER_CONFIG
+    try:
+        name = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise AdapterLoadError(f"cannot read '{cfg_path}' ({err}); give the base model: from_pretrained(base, dir)") \
+            from None
+    if not name:
+        raise AdapterLoadError(f"'{cfg_path}' names no base model (base_model_name_or_path); give it: "
+                               "from_pretrained(base, dir)")
+    if not pathlib.Path(name).is_dir():
+        raise AdapterLoadError(f"the base model '{name}' that '{cfg_path}' names is not a local directory (nothing is "
+                               "downloaded); load it yourself and call from_pretrained(base, dir)")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name)
+
+
+_PEFT_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "bias",
+                     "fan_in_fan_out")
+
+
+def _canonical(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list) else value
+
+
 def atomic_write(path: pathlib.Path, write) -> None:
     """Write to a temporary ``.<name>.*.tmp`` file in the same directory, fsync, then rename over
     ``path``: a reader sees the old file or the new one, never half of one."""
@@ -804,6 +1080,9 @@ def atomic_write(path: pathlib.Path, write) -> None:
     tmp_path = pathlib.Path(tmp)
     try:
         write(tmp_path)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp_path, 0o666 & ~mask)  # mkstemp makes 0600; a saved file gets the umask's mode
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)

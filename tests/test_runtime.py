@@ -227,3 +227,37 @@ def test_plain_lora_saves_in_peft_layout_and_peft_loads_it(tmp_path, family):
     again = transform(base, "lora")
     again.load_adapters(tmp_path)
     torch.testing.assert_close(again.eval()(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def test_an_edited_peft_field_is_refused(tmp_path, llama):
+    """PEFT reads lora_alpha from adapter_config.json, moa-fx the spec inside: one directory must not
+    load as two models."""
+    import json
+
+    moa = transform(llama, "lora")
+    moa.save_adapters(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 32
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="lora_alpha = 32 but its moa-fx spec gives 8"):
+        moa.load_adapters(tmp_path)
+
+
+def test_saved_files_get_the_umask_mode(tmp_path, llama):
+    import os
+    import stat
+
+    moa = transform(llama, "lora")
+    old = os.umask(0o022)
+    try:
+        moa.save_adapters(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_transforming_a_transformed_model_is_refused(llama):
+    moa = transform(llama, "lora")
+    with pytest.raises(MoaFxError, match="already transformed"):
+        transform(moa, "lora", example_inputs=(tokens(),))
