@@ -67,10 +67,13 @@ class GraphKey(NamedTuple):
     dropout: bool = False  # the base model's own dropout is active (its modules are in train mode)
     checkpointing: bool = False  # each decoder block recomputed in backward
     last_logits: bool = False  # logits of the last position only (``logits_to_keep=1``)
+    embeds: bool = False  # takes inputs_embeds instead of input_ids (a capture of its own)
+    hidden: bool = False  # also returns every layer's hidden states (a capture with output_hidden_states)
 
     def __str__(self) -> str:
         parts = [self.purpose, "train" if self.dropout else "eval"]
         parts += ["checkpointing"] * self.checkpointing + ["last logits"] * self.last_logits
+        parts += ["inputs_embeds"] * self.embeds + ["hidden states"] * self.hidden
         return "/".join(parts)
 
 
@@ -129,7 +132,9 @@ def derive_by_capture(model: nn.Module, spec: Spec, adapters: nn.Module, options
     # create nothing and must not move the RNG (a generate derived mid-sampling draws the same tokens)
     rng = torch.random.fork_rng(devices=devices) if before else contextlib.nullcontext()
     try:
-        with rng:
+        with rng, _config_flag(model, "output_hidden_states", True if key.hidden else None):
+            if key.embeds:
+                example_inputs = _embeds_inputs(model)
             captured = capture(model, example_inputs, dynamic=options.dynamic, train=train,
                                cache=key.purpose == "cached")
             plan = find_sites(captured.gm, spec)
@@ -149,6 +154,29 @@ def derive_by_capture(model: nn.Module, spec: Spec, adapters: nn.Module, options
     return Derived(key=key, gm=captured.gm, captured=captured, records=ctx.records, slots=ctx.slots,
                    routers=ctx.routers, lowering=ctx.lowering, placements=list(ctx.plan.placements),
                    how="capture", seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _config_flag(model: nn.Module, name: str, value: Any):
+    """Set ``model.config.<name>`` for a capture (None: leave it), restoring it after."""
+    config = getattr(model, "config", None)
+    if value is None or config is None:
+        yield
+        return
+    old = getattr(config, name, None)
+    setattr(config, name, value)
+    try:
+        yield
+    finally:
+        setattr(config, name, old)
+
+
+def _embeds_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Example ``inputs_embeds`` (2 × 8 × hidden, the embedding's dtype and device) and mask."""
+    weight = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 8, weight.shape[1], generator=g).to(device=weight.device, dtype=weight.dtype)
+    return {"inputs_embeds": embeds, "attention_mask": torch.ones(2, 8, dtype=torch.long, device=weight.device)}
 
 
 def _leaf_names(root: nn.Module) -> set[str]:

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 # forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LM_ARGS = ("position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
+_LM_ARGS = ("inputs_embeds", "position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
             "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
 
 
@@ -202,21 +202,23 @@ class MoAModel(nn.Module):
             return p.device, p.dtype
         return torch.device("cpu"), torch.float32
 
-    def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None) -> GraphKey:
+    def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None,
+             embeds: bool = False, hidden: bool = False) -> GraphKey:
         """The key of the graph a call needs now: the base model's mode decides dropout and checkpointing."""
         train = self.model.training
         if checkpointing is None:
             checkpointing = self._checkpointing is not None and train and purpose == "forward"
-        return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits)
+        return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits, embeds, hidden)
 
-    def derived(self, purpose: str = "forward", *, last_logits: bool = False) -> Derived:
+    def derived(self, purpose: str = "forward", *, last_logits: bool = False, embeds: bool = False,
+                hidden: bool = False) -> Derived:
         """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use.
 
         ``model.derived("cached").gm`` is the KV-cache graph: compile it with ``torch.compile`` like
         any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
         if purpose not in ("forward", "cached"):
             raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
-        key = self._key(purpose, last_logits)
+        key = self._key(purpose, last_logits, embeds=embeds, hidden=hidden)
         found = self._graphs.get(key)
         return found if found is not None else self._derive(key)
 
@@ -372,11 +374,17 @@ class MoAModel(nn.Module):
             user = self._take_extras(derived, outputs)
             return pytree.tree_unflatten(user, derived.captured.out_spec)
         call = self._lm_inputs(args, kwargs)
-        ids, mask = call["input_ids"], call["attention_mask"]
+        ids, mask, embeds = call["input_ids"], call["attention_mask"], call["inputs_embeds"]
+        tokens = ids if ids is not None else embeds[..., 0]  # (batch, sequence) of whichever was given
         cached = call["cache"] is not None or call["use_cache"] or call["position_ids"] is not None \
-            or ids.shape[1] < 2
+            or tokens.shape[1] < 2
+        hidden = bool(call["output_hidden_states"])
+        if cached and (embeds is not None or hidden):
+            what = "inputs_embeds" if embeds is not None else "output_hidden_states=True"
+            raise InputError(f"{what} is supported without a KV cache only (no use_cache, cache, position_ids, and "
+                             "at least 2 tokens); pass input_ids for cached calls")
         keep = call["logits_to_keep"]
-        cache = None
+        cache = hidden_states = None
         if cached:
             derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1)
             past, cache = self._past(call["cache"], ids, derived)
@@ -390,25 +398,27 @@ class MoAModel(nn.Module):
             else:
                 cache = None
         else:
-            derived = self.derived()
+            derived = self.derived(embeds=embeds is not None, hidden=hidden)
             if mask is None:
-                mask = torch.ones_like(ids)
-            if mask.shape != ids.shape:
-                raise InputError(f"attention_mask has shape {tuple(mask.shape)} but input_ids have {tuple(ids.shape)}")
-            outputs = derived.gm(ids, mask)
+                mask = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
+            if mask.shape != tokens.shape:
+                raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the inputs have "
+                                 f"{tuple(tokens.shape)} tokens")
+            outputs = derived.gm(ids if embeds is None else embeds, mask)
             user = self._take_extras(derived, outputs)
             base = pytree.tree_unflatten(user, derived.captured.out_spec)
             logits = base.logits if hasattr(base, "logits") else user[0]
+            hidden_states = getattr(base, "hidden_states", None) if hidden else None
         if isinstance(keep, int) and keep > 1:
             logits = logits[:, -keep:]
         elif isinstance(keep, torch.Tensor):
             logits = logits[:, keep]
         loss = None
         if labels is not None:
-            if labels.shape != ids.shape:
+            if labels.shape != tokens.shape:
                 raise InputError(f"labels have shape {tuple(labels.shape)} but input_ids have "
-                                 f"{tuple(ids.shape)}; give one label per input token (-100 to ignore)")
-            if logits.shape[1] != ids.shape[1]:
+                                 f"{tuple(tokens.shape)}; give one label per input token (-100 to ignore)")
+            if logits.shape[1] != tokens.shape[1]:
                 raise InputError("labels need the logits of every position; do not combine them with logits_to_keep")
             loss_kwargs = {"num_items_in_batch": call["num_items_in_batch"]} \
                 if call["num_items_in_batch"] is not None else {}
@@ -416,7 +426,8 @@ class MoAModel(nn.Module):
             coef = self.spec.router.aux_loss_coef
             if self.training and self.aux_loss is not None and coef > 0:
                 loss = loss + coef * self.aux_loss
-        out = MoAOutput(loss=loss, logits=logits, aux_loss=self.aux_loss, **{_CACHE_FIELD: cache})
+        out = MoAOutput(loss=loss, logits=logits, aux_loss=self.aux_loss, hidden_states=hidden_states,
+                        **{_CACHE_FIELD: cache})
         return out.to_tuple() if call["return_dict"] is False else out
 
     def _take_extras(self, derived: Derived, outputs: Any) -> list:
@@ -441,31 +452,39 @@ class MoAModel(nn.Module):
         if unknown:
             raise InputError(f"unsupported input(s) {unknown}; a transformed causal LM takes input_ids, "
                              f"attention_mask, labels and {', '.join(_LM_ARGS)}")
-        for key in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(key):
-                raise InputError(f"{key}=True is not supported by a transformed model; "
-                                 "run the base model for attentions or hidden states")
+        if kwargs.get("output_attentions"):
+            raise InputError("output_attentions=True is not supported by a transformed model (its attention runs "
+                             "fused, as SDPA); run the base model for attention weights")
         if kwargs.get("past_key_values") is not None and kwargs.get("cache") is not None:
             raise InputError("past_key_values and cache were both given; they are one argument (transformers 5 "
                              "calls it cache)")
-        ids = kwargs.get("input_ids")
-        if not isinstance(ids, torch.Tensor):
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if embeds is not None:
+            if ids is not None:
+                raise InputError("give input_ids or inputs_embeds, not both")
+            width = self.get_input_embeddings().weight.shape[1]
+            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() != 3 \
+                    or embeds.shape[-1] != width or embeds.shape[1] < 1:
+                raise InputError(f"inputs_embeds must be a float tensor of shape (batch, sequence, {width}); got "
+                                 f"{getattr(embeds, 'dtype', type(embeds).__name__)} {tuple(getattr(embeds, 'shape', ()))}")
+            ids = None
+        elif not isinstance(ids, torch.Tensor):
             raise InputError("input_ids is required: a LongTensor of shape (batch, sequence)")
-        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        if ids is not None and (ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2):
             raise InputError(f"input_ids must be an integer tensor of shape (batch, sequence); got dtype "
                              f"{ids.dtype} and shape {tuple(ids.shape)}")
-        if ids.dtype != torch.int64:
+        if ids is not None and ids.dtype != torch.int64:
             ids = ids.long()
-        if ids.shape[1] < 1:
+        if ids is not None and ids.shape[1] < 1:
             raise InputError("input_ids hold no tokens (sequence length 0)")
-        if not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel():
+        if ids is not None and not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel():
             vocab = int(self.config.vocab_size)
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab:
                 raise InputError(f"input_ids hold ids in [{lo}, {hi}] but the vocabulary has {vocab} entries")
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dtype == torch.bool:
-            mask = mask.to(ids.dtype)
+            mask = mask.long()
         keep = kwargs.get("logits_to_keep", 0)
         if keep is None:
             keep = 0
@@ -473,10 +492,12 @@ class MoAModel(nn.Module):
             raise InputError(f"logits_to_keep = {keep!r} is not valid; give an int >= 0 (0 keeps every position) "
                              "or a tensor of positions")
         pos = kwargs.get("position_ids")
-        if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != ids.shape[1]):
-            raise InputError(f"position_ids must be a (batch, sequence) tensor matching input_ids "
-                             f"{tuple(ids.shape)}; got {getattr(pos, 'shape', type(pos).__name__)}")
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+        seq = (ids if ids is not None else embeds).shape[1]
+        if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != seq):
+            raise InputError(f"position_ids must be a (batch, sequence) tensor matching the {seq} input tokens; "
+                             f"got {getattr(pos, 'shape', type(pos).__name__)}")
+        return {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
+                "output_hidden_states": kwargs.get("output_hidden_states"),
                 "cache": kwargs.get("cache", kwargs.get("past_key_values")), "use_cache": kwargs.get("use_cache"),
                 "return_dict": kwargs.get("return_dict"), "logits_to_keep": keep,
                 "num_items_in_batch": kwargs.get("num_items_in_batch")}

@@ -225,3 +225,49 @@ def test_merge_refuses_what_cannot_merge(preset, fragment):
     moa = transform(tiny_model("llama"), preset)
     with pytest.raises(MoaFxError, match=fragment):
         moa.merge_and_unload()
+
+
+def test_inputs_embeds_and_hidden_states_of_the_adapted_model():
+    base = tiny_model("llama", init=0.2)
+    ref = copy.deepcopy(base)
+    moa = transform(base, "sparse_moa").eval()
+    ids = tokens(2, 8)
+    # at init (B = 0) the adapted model is the base model: hidden states equal the base's, one per layer + 1
+    mine = moa(input_ids=ids, output_hidden_states=True).hidden_states
+    theirs = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(mine) == len(theirs) == base.config.num_hidden_layers + 1
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
+    randomize_adapters(moa, seed=7)
+    out = moa(input_ids=ids, output_hidden_states=True)
+    embeds = moa.get_input_embeddings()(ids)
+    via_embeds = moa(inputs_embeds=embeds, labels=ids)
+    torch.testing.assert_close(via_embeds.logits, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_embeds.loss, moa(input_ids=ids, labels=ids).loss)
+    # the last hidden state is the adapted model's: the LM head of it gives the logits
+    last = out.hidden_states[-1]
+    torch.testing.assert_close(moa.get_output_embeddings()(last), out.logits, rtol=1e-5, atol=1e-5)
+    assert float((last - theirs[-1]).abs().max()) > 1e-3
+    assert moa(input_ids=ids, return_dict=False)[0].shape == out.logits.shape
+    with pytest.raises(InputError, match="not both"):
+        moa(input_ids=ids, inputs_embeds=embeds)
+    with pytest.raises(InputError, match="without a KV cache only"):
+        moa(inputs_embeds=embeds, use_cache=True)
+    with pytest.raises(InputError, match=r"shape \(batch, sequence, 64\)"):
+        moa(inputs_embeds=embeds[..., :10])
+
+
+def test_position_ids_as_the_base_model_takes_them():
+    """Left padding, and packed rows (positions restarting, no mask): the same as the base model."""
+    base = tiny_model("llama", init=0.2)
+    ref = copy.deepcopy(base)
+    moa = transform(base, "lora").eval()  # B = 0: equal to the base model
+    ids = tokens(2, 10)
+    packed = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, 10)
+    torch.testing.assert_close(moa(input_ids=ids, position_ids=packed).logits,
+                               ref(input_ids=ids, position_ids=packed).logits, rtol=1e-5, atol=1e-5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(moa(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
+                               ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits, rtol=1e-5, atol=1e-5)
