@@ -50,7 +50,7 @@ from .sites import find_sites
 from .spec import Spec
 
 __all__ = ["GraphKey", "Derived", "DeriveOptions", "derive_by_capture", "strip_dropout", "checkpoint_blocks",
-           "keep_last_logits", "has_dropout", "has_mode_ops", "PURPOSES"]
+           "keep_last_logits", "keep_hidden", "has_dropout", "has_mode_ops", "PURPOSES"]
 
 PURPOSES = ("forward", "cached")
 aten = torch.ops.aten
@@ -69,11 +69,14 @@ class GraphKey(NamedTuple):
     last_logits: bool = False  # logits of the last position only (``logits_to_keep=1``)
     embeds: bool = False  # takes inputs_embeds instead of input_ids (a capture of its own)
     hidden: bool = False  # also returns every layer's hidden states (a capture with output_hidden_states)
+    backbone: bool = False  # returns the LM head's input (the last hidden state) instead of the logits
+    packed: bool = False  # input_ids and position_ids, no mask: rows packed from several sequences (a capture)
 
     def __str__(self) -> str:
         parts = [self.purpose, "train" if self.dropout else "eval"]
         parts += ["checkpointing"] * self.checkpointing + ["last logits"] * self.last_logits
-        parts += ["inputs_embeds"] * self.embeds + ["hidden states"] * self.hidden
+        parts += ["inputs_embeds"] * self.embeds + ["hidden states"] * self.hidden + ["backbone"] * self.backbone
+        parts += ["packed"] * self.packed
         return "/".join(parts)
 
 
@@ -135,6 +138,8 @@ def derive_by_capture(model: nn.Module, spec: Spec, adapters: nn.Module, options
         with rng, _config_flag(model, "output_hidden_states", True if key.hidden else None):
             if key.embeds:
                 example_inputs = _embeds_inputs(model)
+            elif key.packed:
+                example_inputs = _packed_inputs(model)
             captured = capture(model, example_inputs, dynamic=options.dynamic, train=train,
                                cache=key.purpose == "cached")
             plan = find_sites(captured.gm, spec)
@@ -177,6 +182,16 @@ def _embeds_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 8, weight.shape[1], generator=g).to(device=weight.device, dtype=weight.dtype)
     return {"inputs_embeds": embeds, "attention_mask": torch.ones(2, 8, dtype=torch.long, device=weight.device)}
+
+
+def _packed_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Example ``input_ids`` and ``position_ids`` of two packed sequences per row (no mask: transformers
+    then builds a block-diagonal causal mask from where the positions restart)."""
+    from .capture import default_lm_inputs
+
+    ids = default_lm_inputs(model)["input_ids"]
+    pos = torch.cat([torch.arange(3), torch.arange(ids.shape[1] - 3)]).to(ids.device).expand(ids.shape).contiguous()
+    return {"input_ids": ids, "position_ids": pos}
 
 
 def _leaf_names(root: nn.Module) -> set[str]:
@@ -265,11 +280,7 @@ def keep_last_logits(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
     What follows the head (soft-capping, casts) is elementwise, so slicing its input equals slicing
     its output, without the other positions' vocabulary-wide GEMM."""
     new = copy_graph_module(gm)
-    heads = [n for n in new.graph.nodes if n.op == "call_function" and head_path in module_paths(n)
-             and n.target in (aten.linear.default, aten.matmul.default, aten.mm.default)]
-    if len(heads) != 1:
-        raise PassError(f"cannot find the LM head '{head_path}' in the cached graph ({len(heads)} candidates)")
-    head = heads[0]
+    head = _lm_head(new, head_path)
     x = head.args[0]
     with new.graph.inserting_before(head):
         last = new.graph.call_function(aten.slice.Tensor, (x, 1, -1, 9223372036854775807))
@@ -281,6 +292,29 @@ def keep_last_logits(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
     new.graph.lint()
     new.recompile()
     return new
+
+
+def keep_hidden(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
+    """The backbone: the graph's first output (the logits) becomes the LM head's input, the last
+    hidden state after the final norm, and the head (with what follows it) is removed as dead code."""
+    new = copy_graph_module(gm)
+    head = _lm_head(new, head_path)
+    output = next(n for n in reversed(new.graph.nodes) if n.op == "output")
+    outs = list(output.args[0])
+    outs[0] = head.args[0]
+    output.args = (tuple(outs),)
+    new.graph.eliminate_dead_code()
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _lm_head(gm: fx.GraphModule, head_path: str) -> fx.Node:
+    heads = [n for n in gm.graph.nodes if n.op == "call_function" and head_path in module_paths(n)
+             and n.target in (aten.linear.default, aten.matmul.default, aten.mm.default)]
+    if len(heads) != 1:
+        raise PassError(f"cannot find the LM head '{head_path}' in the graph ({len(heads)} candidates)")
+    return heads[0]
 
 
 def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], *, offload: bool = False,

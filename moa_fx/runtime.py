@@ -39,7 +39,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
-                     has_dropout, has_mode_ops, keep_last_logits, strip_dropout)
+                     has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
 from .errors import AdapterLoadError, InputError, MoaFxError
 from .graph import ADAPTER_ROOT
 from .spec import LoraExpert, Spec, load_spec, spec_from_dict, spec_to_dict
@@ -68,8 +68,33 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 # forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# padding-free batches (TRL's collator) carry flash-attention varlen hints that sdpa/eager attention ignore
+_VARLEN_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 _LM_ARGS = ("inputs_embeds", "position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
             "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
+
+
+class Backbone:
+    """``MoAModel.base_model``: the adapted model without its LM head (see :meth:`MoAModel.base_model`)."""
+
+    def __init__(self, moa: "MoAModel") -> None:
+        self._moa = moa
+
+    @property
+    def model(self) -> nn.Module:
+        return self._moa.model
+
+    def __call__(self, *args: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if value is not None:
+                kwargs[name] = value
+        if not kwargs.get("output_router_logits"):  # TRL asks for MoE router logits only when the config does
+            kwargs.pop("output_router_logits", None)
+        return self._moa._forward_impl(args, kwargs, None, backbone=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._moa.model, name)
 
 
 @dataclasses.dataclass
@@ -203,54 +228,72 @@ class MoAModel(nn.Module):
         return torch.device("cpu"), torch.float32
 
     def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None,
-             embeds: bool = False, hidden: bool = False) -> GraphKey:
+             embeds: bool = False, hidden: bool = False, backbone: bool = False, packed: bool = False) -> GraphKey:
         """The key of the graph a call needs now: the base model's mode decides dropout and checkpointing."""
         train = self.model.training
         if checkpointing is None:
-            checkpointing = self._checkpointing is not None and train and purpose == "forward"
-        return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits, embeds, hidden)
+            checkpointing = self._checkpointing is not None and train
+        return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits, embeds, hidden, backbone,
+                        packed)
 
     def derived(self, purpose: str = "forward", *, last_logits: bool = False, embeds: bool = False,
-                hidden: bool = False) -> Derived:
+                hidden: bool = False, backbone: bool = False, packed: bool = False) -> Derived:
         """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use.
 
         ``model.derived("cached").gm`` is the KV-cache graph: compile it with ``torch.compile`` like
         any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
         if purpose not in ("forward", "cached"):
             raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
-        key = self._key(purpose, last_logits, embeds=embeds, hidden=hidden)
+        key = self._key(purpose, last_logits, embeds=embeds, hidden=hidden, backbone=backbone, packed=packed)
         found = self._graphs.get(key)
         return found if found is not None else self._derive(key)
 
     @torch.compiler.disable
     def _derive(self, key: GraphKey) -> Derived:
+        """Make the graph for ``key`` from the graph it is a rewrite of (derived first if needed), or by
+        capture. ``seconds`` counts this step only, not the derivation of its source."""
         import time
 
         if key.purpose == "cached" and not self._causal:
             raise InputError(f"{self.model_class} is not a causal LM: it has no KV-cache graph")
-        start = time.perf_counter()
         if key.checkpointing:
-            src = self._get(key._replace(checkpointing=False))
-            ckpt = self._checkpointing or {"kwargs": {}, "every_n_layers": 1, "offload": False}
-            blocks = block_paths(src.gm)[::ckpt["every_n_layers"]]
-            rewritten = checkpoint_blocks(src.gm, blocks, offload=ckpt["offload"], **ckpt["kwargs"])
-            made = src.replace_graph(rewritten, key,
-                                     f"rewrite of {src.key}: checkpoint_blocks", 0.0)
+            source, rewrite = key._replace(checkpointing=False), self._checkpoint_rewrite
         elif key.last_logits:
-            src = self._get(key._replace(last_logits=False))
-            made = src.replace_graph(keep_last_logits(src.gm, self._head_path()), key,
-                                     f"rewrite of {src.key}: keep_last_logits", 0.0)
+            source, rewrite = key._replace(last_logits=False), lambda gm: keep_last_logits(gm, self._head_path())
+        elif key.backbone:
+            source, rewrite = key._replace(backbone=False), self._backbone_rewrite
         elif not key.dropout and self._has_dropout and not self._mode_ops:
-            src = self._get(key._replace(dropout=True))
-            made = src.replace_graph(strip_dropout(src.gm), key, f"rewrite of {src.key}: strip_dropout", 0.0)
+            source, rewrite = key._replace(dropout=True), strip_dropout
         else:
-            train = key.dropout or not self._mode_ops
-            made = derive_by_capture(self.model, self.spec, self.moa, self._options, key,
-                                     example_inputs=self._example_inputs(), train=train)
+            source = rewrite = None
+        if source is not None:
+            src = self._get(source)
+            start = time.perf_counter()
+            made = src.replace_graph(rewrite(src.gm), key, f"rewrite of {src.key}: {_rewrite_name(rewrite)}", 0.0)
+        else:
+            start = time.perf_counter()
+            made = derive_by_capture(self.model, self.spec, self.moa, self._capture_options(key), key,
+                                     example_inputs=self._example_inputs(), train=key.dropout or not self._mode_ops)
         made.seconds = time.perf_counter() - start
         self._graphs[key] = made
         self.derivations.append((str(key), made.how, made.seconds))
         return made
+
+    def _backbone_rewrite(self, gm):
+        return keep_hidden(gm, self._head_path())
+
+    def _checkpoint_rewrite(self, gm):
+        ckpt = self._checkpointing or {"kwargs": {}, "every_n_layers": 1, "offload": False}
+        blocks = block_paths(gm)[::ckpt["every_n_layers"]]
+        return checkpoint_blocks(gm, blocks, offload=ckpt["offload"], **ckpt["kwargs"])
+
+    def _capture_options(self, key: GraphKey) -> DeriveOptions:
+        """transform()'s options, except that the cached graph on CPU runs unlowered under
+        ``lower="auto"``: there the fused ops' torch path costs ~0.1 ms of dispatch per call, which at
+        one token per decode step outweighs the work it saves (BENCHMARKS.md, decode)."""
+        if key.purpose == "cached" and self._options.lower == "auto" and self._device_dtype()[0].type == "cpu":
+            return dataclasses.replace(self._options, lower="off")
+        return self._options
 
     def _get(self, key: GraphKey) -> Derived:
         found = self._graphs.get(key)
@@ -362,6 +405,19 @@ class MoAModel(nn.Module):
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
             if value is not None:
                 kwargs[name] = value
+        return self._forward_impl(args, kwargs, labels)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().__call__(*args, **kwargs)
+        # TRL's fused LM-head loss (its forward patched onto this model, called with fused_lm_head=True)
+        # computes the loss from the backbone's hidden states: add the routers' balance loss as our own
+        # forward does, so SFTTrainer trains the same objective
+        if kwargs.get("fused_lm_head") and getattr(out, "loss", None) is not None and self.training \
+                and self.aux_loss is not None and self.spec.router.aux_loss_coef > 0:
+            out.loss = out.loss + self.spec.router.aux_loss_coef * self.aux_loss
+        return out
+
+    def _forward_impl(self, args: tuple, kwargs: dict, labels: torch.Tensor | None, backbone: bool = False) -> Any:
         if self._merged:
             raise MoaFxError("the adapters were merged into the base model (merge_and_unload); use the model it "
                              "returned")
@@ -375,9 +431,16 @@ class MoAModel(nn.Module):
             return pytree.tree_unflatten(user, derived.captured.out_spec)
         call = self._lm_inputs(args, kwargs)
         ids, mask, embeds = call["input_ids"], call["attention_mask"], call["inputs_embeds"]
+        if backbone and labels is not None:
+            raise InputError("the backbone (model.base_model) returns hidden states; it takes no labels")
         tokens = ids if ids is not None else embeds[..., 0]  # (batch, sequence) of whichever was given
-        cached = call["cache"] is not None or call["use_cache"] or call["position_ids"] is not None \
-            or tokens.shape[1] < 2
+        # transformers' rule: position_ids without a mask and without a cache are packed rows (a block-
+        # diagonal mask from where positions restart); use_cache left None means config.use_cache there
+        use_cache = call["use_cache"] if call["use_cache"] is not None else getattr(self.config, "use_cache", False)
+        packed = call["position_ids"] is not None and mask is None and call["cache"] is None and not use_cache \
+            and tokens.shape[1] >= 2 and embeds is None
+        cached = not packed and (call["cache"] is not None or call["use_cache"] or call["position_ids"] is not None
+                                 or tokens.shape[1] < 2)
         hidden = bool(call["output_hidden_states"])
         if cached and (embeds is not None or hidden):
             what = "inputs_embeds" if embeds is not None else "output_hidden_states=True"
@@ -386,7 +449,8 @@ class MoAModel(nn.Module):
         keep = call["logits_to_keep"]
         cache = hidden_states = None
         if cached:
-            derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1)
+            derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1 and not backbone,
+                                   backbone=backbone)
             past, cache = self._past(call["cache"], ids, derived)
             mask, pos = self._cached_mask_positions(ids, mask, call["position_ids"], past)
             outputs = derived.gm(ids, mask, pos, *past[0], *past[1])
@@ -398,17 +462,24 @@ class MoAModel(nn.Module):
             else:
                 cache = None
         else:
-            derived = self.derived(embeds=embeds is not None, hidden=hidden)
-            if mask is None:
-                mask = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
-            if mask.shape != tokens.shape:
-                raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the inputs have "
-                                 f"{tuple(tokens.shape)} tokens")
-            outputs = derived.gm(ids if embeds is None else embeds, mask)
+            derived = self.derived(embeds=embeds is not None, hidden=hidden, backbone=backbone, packed=packed)
+            if packed:
+                second = call["position_ids"].expand(tokens.shape).contiguous()
+            else:
+                second = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device) if mask is None else mask
+                if second.shape != tokens.shape:
+                    raise InputError(f"attention_mask has shape {tuple(second.shape)} but the inputs have "
+                                     f"{tuple(tokens.shape)} tokens")
+            outputs = derived.gm(ids if embeds is None else embeds, second)
             user = self._take_extras(derived, outputs)
             base = pytree.tree_unflatten(user, derived.captured.out_spec)
             logits = base.logits if hasattr(base, "logits") else user[0]
             hidden_states = getattr(base, "hidden_states", None) if hidden else None
+        if backbone:
+            from transformers.modeling_outputs import BaseModelOutputWithPast
+
+            return BaseModelOutputWithPast(last_hidden_state=logits, hidden_states=hidden_states,
+                                           **{_CACHE_FIELD: cache})
         if isinstance(keep, int) and keep > 1:
             logits = logits[:, -keep:]
         elif isinstance(keep, torch.Tensor):
@@ -448,6 +519,14 @@ class MoAModel(nn.Module):
             if name in kwargs:
                 raise InputError(f"{name} was given both positionally and by keyword")
             kwargs[name] = value
+        varlen = sorted(k for k in _VARLEN_ARGS if k in kwargs)
+        if varlen:
+            impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+            if "flash" in str(impl):
+                raise InputError(f"{varlen} are flash-attention varlen inputs; a transformed model runs "
+                                 f"{impl} attention only as the base model captured it (sdpa or eager)")
+            for k in varlen:  # the base model's sdpa/eager attention ignores them too
+                kwargs.pop(k)
         unknown = sorted(set(kwargs) - set(names) - set(_LM_ARGS))
         if unknown:
             raise InputError(f"unsupported input(s) {unknown}; a transformed causal LM takes input_ids, "
@@ -639,10 +718,12 @@ class MoAModel(nn.Module):
         return getattr(self.model, "name_or_path", None) or getattr(self.config, "_name_or_path", "") or ""
 
     @property
-    def base_model(self) -> "MoAModel":
-        """As in PEFT (``peft_model.base_model`` is the adapted model, ``.base_model.model`` the base):
-        calling it runs the adapters; ``get_base_model()`` is the bare base model."""
-        return self
+    def base_model(self) -> "Backbone":
+        """The adapted backbone, as transformers' ``model.base_model`` is the decoder without the LM
+        head: calling it returns ``BaseModelOutputWithPast(last_hidden_state=...)`` of the *adapted*
+        model (TRL's fused LM-head loss calls it). ``.model`` is the base model, as in PEFT's
+        ``peft_model.base_model.model``; ``get_base_model()`` is the bare base model."""
+        return Backbone(self)
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -1055,6 +1136,12 @@ class MoAModel(nn.Module):
         moa = transform(model, spec, **kwargs)
         moa.load_adapters(directory)
         return moa
+
+
+def _rewrite_name(rewrite: Any) -> str:
+    name = getattr(rewrite, "__name__", "rewrite")
+    return {"_checkpoint_rewrite": "checkpoint_blocks", "<lambda>": "keep_last_logits",
+            "_backbone_rewrite": "keep_hidden"}.get(name, name)
 
 
 def _peft_sites(spec: Spec) -> dict[str, tuple]:

@@ -258,14 +258,19 @@ def test_inputs_embeds_and_hidden_states_of_the_adapted_model():
 
 
 def test_position_ids_as_the_base_model_takes_them():
-    """Left padding, and packed rows (positions restarting, no mask): the same as the base model."""
+    """Left padding, and packed rows (positions restarting, no mask): the same as the base model, whose
+    rule is that rows are packed (a block-diagonal mask) only without a mask and without a cache."""
     base = tiny_model("llama", init=0.2)
     ref = copy.deepcopy(base)
     moa = transform(base, "lora").eval()  # B = 0: equal to the base model
     ids = tokens(2, 10)
     packed = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, 10)
-    torch.testing.assert_close(moa(input_ids=ids, position_ids=packed).logits,
-                               ref(input_ids=ids, position_ids=packed).logits, rtol=1e-5, atol=1e-5)
+    apart = torch.cat([ref(input_ids=ids[:, :4]).logits, ref(input_ids=ids[:, 4:]).logits], dim=1)
+    for use_cache in (False, True, None):  # None: config.use_cache (True), so transformers makes a cache
+        want = ref(input_ids=ids, position_ids=packed, use_cache=use_cache).logits
+        got = moa(input_ids=ids, position_ids=packed, use_cache=use_cache).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got, apart, atol=1e-5) == (use_cache is False), use_cache
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
