@@ -735,6 +735,23 @@ class MoAModel(nn.Module):
         get = getattr(self.model, "get_output_embeddings", None)
         return get() if get is not None else None
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                **kwargs: Any) -> nn.Module:
+        """The base model's resize, then the graphs are derived again for the new vocabulary (they hold its
+        size). An adapter that no longer fits (one on the LM head) makes it fail and the size go back."""
+        old_size = self.get_input_embeddings().weight.shape[0]
+        emb = self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+        if emb.weight.shape[0] == old_size:
+            return emb
+        old, self._graphs = self._graphs, {}
+        try:
+            self._first = self.derived()
+        except BaseException:
+            self.model.resize_token_embeddings(old_size)
+            self._graphs = old
+            raise
+        return emb
+
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         tie = getattr(self.model, "tie_weights", None)
         if tie is not None:

@@ -241,44 +241,39 @@ LOCK_FILE = ".moa-fx-train.lock"
 
 @contextlib.contextmanager
 def run_lock(out: pathlib.Path):
-    """Hold ``<out>/.moa-fx-train.lock`` for the run: created atomically (``O_CREAT | O_EXCL``), so of
-    two runs on one directory exactly one proceeds; removed when the run ends, however it ends."""
+    """Hold an exclusive ``fcntl.flock`` on ``<out>/.moa-fx-train.lock`` for the run: of two runs on one
+    directory exactly one proceeds, and the kernel releases the lock when its process dies, so a
+    killed run leaves nothing to clean up (its ``--resume`` simply takes the lock)."""
+    import fcntl
+
     path = out / LOCK_FILE
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-        raise _locked(path) from None
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
     except OSError as err:
         raise MoaFxError(f"cannot create the lock file '{path}': {err.strerror}; choose a writable --out") from None
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _locked(path) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
         yield path
     finally:
         path.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock
 
 
 def _locked(path: pathlib.Path) -> RunLockedError:
-    """The error for a lock that exists: another live run, or one a killed run left behind."""
+    """The error for a lock another live process holds."""
     try:
         owner = json.loads(path.read_text())
-        pid, host = int(owner["pid"]), str(owner["host"])
+        who = f" (pid {int(owner['pid'])} on {owner['host']})"
     except (OSError, ValueError, KeyError, TypeError):  # being written right now, or damaged
-        return RunLockedError(f"'{path.parent}' is locked by another moa-fx train run ('{path}'); wait for it, choose "
-                              f"another --out, or remove '{path}' if no run is using the directory")
-    alive = True
-    if host == socket.gethostname() and pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:  # it exists, under another user
-            pass
-    if not alive:
-        return RunLockedError(f"'{path}' was left by pid {pid}, which is no longer running (a killed run); remove it "
-                              f"(rm '{path}') and run again, with --resume to continue from its checkpoint")
-    return RunLockedError(f"'{path.parent}' is in use by another moa-fx train run (pid {pid} on {host}); wait for it "
-                          "to finish or choose another --out")
+        who = ""
+    return RunLockedError(f"'{path.parent}' is in use by another moa-fx train run{who}; wait for it to finish or "
+                          "choose another --out")
 
 
 # --------------------------------------------------------------------------------------------------

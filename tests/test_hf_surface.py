@@ -276,3 +276,18 @@ def test_position_ids_as_the_base_model_takes_them():
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     torch.testing.assert_close(moa(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
                                ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_token_embeddings_derives_the_graphs_again():
+    base = tiny_model("llama", init=0.2)
+    moa = transform(base, "lora").eval()
+    randomize_adapters(moa, seed=8)
+    ids = tokens(2, 6)
+    before = moa(input_ids=ids).logits
+    moa.resize_token_embeddings(140)
+    assert moa.config.vocab_size == 140
+    after = moa(input_ids=torch.cat([ids, torch.full((2, 1), 139)], dim=1)).logits
+    assert after.shape[-1] == 140
+    torch.testing.assert_close(after[:, :6, :128], before, rtol=1e-5, atol=1e-5)
+    out = moa.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 8)
