@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoraDelta", "SharedALoraDelta", "ParallelAdapter", "PromptDelta", "Router", "Threshold"]
+__all__ = ["LoraDelta", "SharedALoraDelta", "ParallelAdapter", "PromptDelta", "prompt_projection", "Router",
+           "Threshold"]
 
 
 def _linear_weight(out_features: int, in_features: int, device, dtype) -> nn.Parameter:
@@ -88,12 +89,28 @@ class ParallelAdapter(nn.Module):
         return self.up(self.act(self.down(h)))
 
 
+def prompt_projection(prompt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,
+                      width: int, transposed: bool = False) -> torch.Tensor:
+    """``P·W[offset:offset+width]ᵀ (+ b)``: the prompts through the key (or value) rows of a frozen
+    projection, (L, width); ``offset`` selects the block of a fused qkv weight, ``transposed`` reads
+    a (d_in, d_out) weight (GPT-2's Conv1D). A graph target of the prompt expert."""
+    if transposed:
+        weight = weight.t()
+    weight = weight[offset:offset + width]
+    bias = bias[offset:offset + width] if bias is not None else None
+    return F.linear(prompt.to(weight.dtype), weight, bias)
+
+
 class PromptDelta(nn.Module):
     """Prompt-tuning expert inside attention (METHODS.md, Prompt-tuning expert).
 
-    ``O_P = gate_h · softmax(q·k_Pᵀ/√hd) · v_P`` with ``k_P = k_proj(P)``, ``v_P = v_proj(P)`` from the
-    frozen projections (weights passed in as graph inputs), no RoPE on k_P, GQA by repeating the
-    kv heads, softmax over the L prompts only, in fp32. Returns O_P shaped like the SDPA output.
+    ``O_P = gate_h · softmax(q·k_Pᵀ/√hd) · v_P`` with the prompts' keys and values given as
+    (L, kv_heads·hd). The graph computes them (:mod:`moa_fx.passes.insert_prompt_experts`):
+    ``k_P = k_proj(P)``, ``v_P = v_proj(P)`` through the frozen projections (:func:`prompt_projection`,
+    at ``k_offset`` / ``v_offset`` of a fused weight), then through every module the model's own
+    keys (values) pass on their way to attention that reads nothing but them (Qwen3's ``k_norm``,
+    as the official MoA Qwen3 code does); no RoPE on k_P. GQA by repeating the kv heads, softmax
+    over the L prompts only, in fp32. Returns O_P shaped like the SDPA output.
     """
 
     def __init__(self, length: int, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -102,27 +119,23 @@ class PromptDelta(nn.Module):
         self.prompt = nn.Parameter(torch.randn(length, hidden, device=device, dtype=dtype))  # nn.Embedding's N(0, 1)
         self.head_gate = nn.Parameter(torch.zeros(q_heads, device=device, dtype=dtype))
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        # where the key and value rows sit in the frozen projection (the graph's prompt_projection slices there)
         self.k_offset, self.v_offset = k_offset, v_offset
         self.transposed = transposed
 
-    def _project(self, w: torch.Tensor, b: torch.Tensor | None, offset: int) -> torch.Tensor:
-        width = self.kv_heads * self.head_dim
-        if self.transposed:
-            w = w.t()
-        w = w[offset:offset + width]
-        b = b[offset:offset + width] if b is not None else None
-        kv = F.linear(self.prompt.to(w.dtype), w, b)  # (L, kv_heads*hd)
+    def _heads(self, kv: torch.Tensor) -> torch.Tensor:
         kv = kv.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # (kv_heads, L, hd)
         return kv.repeat_interleave(self.q_heads // self.kv_heads, dim=0)  # (H, L, hd)
 
-    def forward(self, q: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
-                k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None) -> torch.Tensor:
-        k_p = self._project(k_weight, k_bias, self.k_offset)
-        v_p = self._project(v_weight, v_bias, self.v_offset)
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        k_p, v_p = self._heads(keys), self._heads(values)
         scores = torch.matmul(q.float(), k_p.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
         probs = scores.softmax(dim=-1)  # (B, H, S, L): over the prompts only, no mask
         out = torch.matmul(probs, v_p.float())  # (B, H, S, hd)
         return (out * self.head_gate.float().view(1, -1, 1, 1)).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"L={self.prompt.shape[0]}, heads={self.q_heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
 
 
 class Router(nn.Module):

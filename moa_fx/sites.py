@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ __all__ = [
     "LinearSite",
     "SpanSite",
     "AttentionSite",
+    "PromptOp",
     "BlockScope",
     "Placement",
     "SitePlan",
@@ -113,6 +115,21 @@ class SpanSite:
 
 
 @dataclass(frozen=True)
+class PromptOp:
+    """A module between a key (value) projection and the attention op that reads nothing but the
+    key and its own weights (Qwen3's per-head ``k_norm``, OLMo2's full-width one): the model's keys
+    pass through it, so a prompt expert replays its nodes on the prompt's keys. RoPE reads the
+    positions too and is not one of these (prompts have no position)."""
+
+    path: str
+    input: str  # the node it reads, shaped (batch, sequence, *shape) (or heads first, below)
+    output: str  # the node it returns, shaped like its input
+    nodes: tuple[str, ...]  # its nodes, in graph order
+    shape: tuple[int, ...]  # the per-token shape it works on: (kv_heads, head_dim) per head, (kv_heads·head_dim,)
+    heads_first: bool = False  # it reads (batch, kv_heads, sequence, head_dim), after the heads moved forward
+
+
+@dataclass(frozen=True)
 class AttentionSite:
     """The attention op of an attention module, with what a prompt expert needs from it."""
 
@@ -132,6 +149,9 @@ class AttentionSite:
     layer: int | None
     scale: float | None
     transposed: bool = False  # weights stored (d_in, d_out), as GPT-2's Conv1D
+    k_ops: tuple[PromptOp, ...] = ()  # what the keys pass through on the way to the attention op, in order
+    v_ops: tuple[PromptOp, ...] = ()
+    note: str = ""  # which of those modules the prompt's keys and values pass through
 
     kind = "attention"
 
@@ -412,13 +432,98 @@ def _attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> Atte
     if kv_heads <= 0 or q_heads % kv_heads or max(k_off, v_off) + kv_heads * head_dim > k_lin.d_out:
         return (f"its key/value projection {k_lin.path} (d_out {k_lin.d_out}) does not split into {q_heads} query "
                 f"heads and a whole number of key/value heads of size {head_dim}")
+    ops, skipped = {}, []
+    for what, lin, end in (("key", k_lin, k), ("value", v_lin, v)):
+        found = _prompt_ops(gm, path, nodes, lin, end, q, kv_heads * head_dim)
+        if isinstance(found, str):
+            return f"its {what} " + found
+        ops[what], skip = found
+        skipped += [m for m in skip if m not in skipped]
     scale = node.kwargs.get("scale")
     return AttentionSite(path=path, node=node.name, query=q.name, q_heads=q_heads, kv_heads=kv_heads,
                          head_dim=head_dim, k_weight=k_lin.weight, v_weight=v_lin.weight,
                          k_bias=_bias_of(gm, k_lin), v_bias=_bias_of(gm, v_lin),
                          k_offset=k_off, v_offset=v_off, hidden=k_lin.d_in, layer=layer_index(path),
                          transposed=k_lin.op == "addmm",
-                         scale=float(scale) if scale is not None else None)
+                         scale=float(scale) if scale is not None else None,
+                         k_ops=ops["key"], v_ops=ops["value"], note=_prompt_note(path, ops, skipped))
+
+
+def _prompt_note(path: str, ops: dict[str, tuple[PromptOp, ...]], skipped: list[str]) -> str:
+    """What ``moa-fx sites`` says about a prompt expert's keys and values (module names relative to
+    the attention module, so that every layer shares one note)."""
+    parts = []
+    for what in ("key", "value"):
+        if ops[what]:
+            names = ", ".join(op.path[len(path) + 1:] for op in ops[what])
+            parts.append(f"the prompt's {what}s pass through {names}, as the model's {what}s do")
+    if skipped:
+        names = ", ".join(m[len(path) + 1:] for m in skipped)
+        parts.append(f"not through {names} (it reads more than the key or value: positions, as RoPE does)")
+    return "; ".join(parts)
+
+
+def _prompt_ops(gm: fx.GraphModule, path: str, nodes: list[fx.Node], lin: LinearSite, end: fx.Node, q: fx.Node,
+                width: int) -> tuple[tuple[PromptOp, ...], list[str]] | str:
+    """The submodules of attention module ``path`` on the way from projection ``lin`` to the attention
+    op's input ``end`` that a prompt's keys (values) pass through, in order, and those they skip
+    because they read more than the key (RoPE reads the positions); or, as a string, why a module on
+    the way cannot be replayed.
+
+    Only submodules count: the ops written in the attention's own forward between the projection
+    and the attention op are reshapes, RoPE and the GQA repeat, which the prompt expert does itself
+    (reshapes, repeat) or must not do (RoPE)."""
+    inside = set(nodes)
+    start = next(n for n in nodes if n.name == lin.node)
+    up: set[fx.Node] = set()
+    frontier = [end]
+    while frontier:  # ancestors of the attention input inside the module, up to the projection
+        n = frontier.pop()
+        if n in up or (n is not end and n not in inside):
+            continue
+        up.add(n)
+        if n is not start:
+            frontier.extend(n.all_input_nodes)
+    down: set[fx.Node] = set()
+    frontier = [start]
+    while frontier:  # ... that descend from the projection: the nodes on the way
+        for u in frontier.pop().users:
+            if u in up and u not in down:
+                down.add(u)
+                frontier.append(u)
+    children: dict[str, None] = {}
+    for n in nodes:
+        mp = module_path(n)
+        if n in down and mp.startswith(path + ".") and not (mp == lin.path or mp.startswith(lin.path + ".")):
+            children.setdefault(path + "." + mp[len(path) + 1:].split(".")[0], None)
+    batch, seq = str(_shape(q)[0]), str(_shape(q)[2])  # q: (B, H, S, hd)
+    ops, skipped = [], []
+    for child in children:
+        span = span_site(gm, child)
+        if span is None:
+            return f"passes through {child}, which has no single input and output tensor"
+        members = _span_nodes(gm, child)
+        names = {n.name for n in members}
+        if any(a.name not in names and a.name != span.input and a.op != "get_attr"
+               for n in members for a in n.all_input_nodes):
+            skipped.append(child)
+            continue
+        src = next(a for n in members for a in n.all_input_nodes if a.name == span.input)
+        in_shape, out_shape = _shape(src), _shape(next(n for n in members if n.name == span.output))
+        dims = [str(d) for d in in_shape]
+        if len(in_shape) == 4 and dims[0] == batch and dims[2] == seq and dims[1] != seq:
+            heads_first, shape = True, (in_shape[1], in_shape[3])  # (B, kv_heads, S, hd), as Gemma3 norms
+        else:
+            heads_first, shape = False, tuple(in_shape[2:])  # (B, S, kv_heads, hd) or (B, S, kv_heads·hd)
+        if len(in_shape) < 3 or dims[0] != batch or (not heads_first and dims[1] != seq) or out_shape != in_shape \
+                or not all(isinstance(d, int) for d in shape) or math.prod(shape) != width:
+            return (f"passes through {child} on a tensor shaped {tuple(in_shape)}; prompt experts replay such "
+                    f"modules on (batch, sequence, …) or (batch, heads, sequence, head_dim) tensors of {width} "
+                    "features per token only")
+        replayed = tuple(n.name for n in members if n.target is not aten._assert_tensor_metadata.default)
+        ops.append(PromptOp(path=child, input=span.input, output=span.output, nodes=replayed, shape=shape,
+                            heads_first=heads_first))
+    return tuple(ops), skipped
 
 
 _MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -475,7 +580,7 @@ def _bias_of(gm: fx.GraphModule, lin: LinearSite) -> str | None:
 _PASS_THROUGH = {
     aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.contiguous.default,
     aten.clone.default, aten.expand.default, aten.unsqueeze.default, aten._unsafe_view.default, aten.mul.Tensor,
-    aten.add.Tensor, aten.cat.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
     aten.squeeze.dim, aten.flatten.using_ints, aten.type_as.default, aten.neg.default,
 }
 _SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)

@@ -398,12 +398,18 @@ class Reference:
         return y + self._site_mixture(path, x)
 
     def _prompt(self, key: str, q: torch.Tensor) -> torch.Tensor:
-        """``gate_h · softmax(q·k_Pᵀ/√hd) · v_P``; k_P, v_P from the frozen k/v projections, no RoPE."""
+        """``gate_h · softmax(q·k_Pᵀ/√hd) · v_P``; k_P, v_P from the frozen k/v projections, no RoPE.
+
+        Qwen3: k_P = k_norm(k_proj(P)) per head, as the model's own keys and as the official MoA
+        Qwen3 code (``prompt_k = self.k_norm(self.k_proj(prompt).view(...))``)."""
         path = f"{key}.self_attn"
         prompt = self.p(f"{path}.prompt.0.prompt")
         head_gate = self.p(f"{path}.prompt.0.head_gate")
         length, rep = prompt.shape[0], self.heads // self.kv_heads
-        k_p = self._linear(f"{path}.k_proj", prompt).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
+        k_p = self._linear(f"{path}.k_proj", prompt).view(length, self.kv_heads, self.head_dim)
+        if self.qwen3:
+            k_p = rms_norm(k_p, self.w(f"{path}.k_norm.weight"), self.eps)
+        k_p = k_p.transpose(0, 1)
         v_p = self._linear(f"{path}.v_proj", prompt).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
         k_p = k_p.repeat_interleave(rep, dim=0)  # query head i reads kv head i // rep, as HF's repeat_kv
         v_p = v_p.repeat_interleave(rep, dim=0)
