@@ -6,7 +6,8 @@ Emits, per router: ``logits = router(h)`` (``call_module``), ``τ = threshold(h)
 threshold is learned, ``w, sel, q, g = route(logits, τ, …)`` (``call_function`` + getitems),
 ``stats = router_stats(g, sel, τ)`` and, with an aux coefficient, ``aux = balance_loss(sel, q)``.
 Per anchor: ``y' = mix(y, w, [Δ…], [columns…])`` (``mix_heads`` for attention outputs), and every
-later use of y reads y'. Columns are looked up by expert id, never by position in a list.
+later use of y reads y'. Columns are looked up by expert id, never by position in a list; their order
+(:func:`column_order`) is METHODS.md's gate order, [up, gate] included.
 Records: one PassRecord per router and one per anchor.
 """
 
@@ -19,6 +20,7 @@ import torch
 from .. import routing
 from ..graph import shaped_like
 from ..modules import Router, Threshold
+from ..sites import match_rank
 from .base import PassContext, PassRecord, RouterInfo, new_node
 
 __all__ = ["insert_routers"]
@@ -33,11 +35,40 @@ def _router_input(ctx: PassContext, key: str, slots) -> str:
     return scope.normed if ctx.spec.router.input == "normed" and scope.normed else scope.input
 
 
+def column_order(slots, order: dict[str, int]) -> list[str]:
+    """The router's expert ids, one per output column, in METHODS.md's gate order: Q, K, V, [prompt],
+    O, [up, gate], down, PA.
+
+    That is the graph order of the anchors, except that an up projection's experts come right before
+    those of the gate projection beside it (same parent module): the graph computes ``act(gate(h))``
+    before ``up(h)``. A fused ``gate_up_proj`` is one site and keeps its place. The order decides
+    which router row gates which expert, so it is also the order of every per-expert list in
+    ``MoAModel.router_stats()`` (each labelled by its id in ``"experts"``)."""
+    ranked = sorted(slots, key=lambda s: order[s.anchor])
+    by_site: dict[str, list[str]] = {}
+    for s in ranked:
+        by_site.setdefault(s.site, [])
+        if s.expert_id not in by_site[s.site]:
+            by_site[s.site].append(s.expert_id)
+    sites = list(by_site)
+    for gate in [p for p in sites if _only_role(p, "gate")]:
+        parent = gate.rsplit(".", 1)[0]
+        up = next((p for p in sites if _only_role(p, "up") and p.rsplit(".", 1)[0] == parent), None)
+        if up is not None and sites.index(up) > sites.index(gate):
+            sites.remove(up)
+            sites.insert(sites.index(gate), up)
+    return list(dict.fromkeys(i for p in sites for i in by_site[p]))
+
+
+def _only_role(path: str, role: str) -> bool:
+    other = "up" if role == "gate" else "gate"
+    return bool(match_rank("@" + role, path)) and not match_rank("@" + other, path)
+
+
 def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
     spec = ctx.spec.router
-    # columns in graph order of the anchors: q, k, v, prompt, o, (gate, up), down, PA, as METHODS.md
     order = {n.name: i for i, n in enumerate(ctx.gm.graph.nodes)}
-    ids = list(dict.fromkeys(s.expert_id for s in sorted(slots, key=lambda s: order[s.anchor])))
+    ids = column_order(slots, order)
     h = ctx.node(_router_input(ctx, key, slots))
     val = h.meta.get("val")
     device = val.device if val is not None else None

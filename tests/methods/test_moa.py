@@ -33,6 +33,10 @@ def _with_threshold(spec, **changes):
     return _with_router(spec, threshold=dataclasses.replace(spec.router.threshold, **changes))
 
 
+def _with_lora_at(spec, at):
+    return dataclasses.replace(spec, experts=(dataclasses.replace(spec.experts[0], at=at), *spec.experts[1:]))
+
+
 CASES = {
     "soft_moa": (lambda: preset("soft_moa"), BlockMethod("soft"), SOFT_IDS),
     "sparse_moa": (lambda: preset("sparse_moa"), BlockMethod("sparse", rule="moa", tau_max=0.5), SPARSE_IDS),
@@ -45,6 +49,9 @@ CASES = {
     # native swi_x = 0 (linear router with bias) reading the raw block input
     "soft_moa_linear_raw": (lambda: _with_router(preset("soft_moa"), form="linear", bias=True, input="raw"),
                             BlockMethod("soft", router_form="linear", router_input="raw"), SOFT_IDS),
+    # the optional up/gate LoRA (METHODS.md: "optional up/gate LoRA add to those projections' outputs")
+    "soft_moa_up_gate": (lambda: _with_lora_at(preset("soft_moa"), ("@q", "@k", "@v", "@o", "@up", "@gate", "@down")),
+                         BlockMethod("soft"), SOFT_IDS | {"mlp.up_proj:lora", "mlp.gate_proj:lora"}),
 }
 
 RUNS = [("llama", n) for n in CASES] + [("qwen3", "soft_moa"), ("qwen3", "sparse_moa")]
