@@ -66,4 +66,4 @@ class SettingError(MoaFxError, ValueError):
 
 
 class RunLockedError(MoaFxError):
-    """Another ``moa-fx train`` run holds the output directory, or a killed run left its lock."""
+    """Another live ``moa-fx train`` run holds the output directory's lock (a killed run's is released)."""

@@ -48,7 +48,8 @@ __all__ = ["MoAModel", "MoAOutput", "transform", "ADAPTER_WEIGHTS", "ADAPTER_CON
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-FORMAT_VERSION = 1
+# 2: the record holds each router's expert order ("routers"); up's experts now come before gate's
+FORMAT_VERSION = 2
 
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -918,6 +919,7 @@ class MoAModel(nn.Module):
             "base_model_class": self.model_class,
             "spec": spec_to_dict(self.spec),
             "tensors": {k: list(v.shape) for k, v in self.adapter_state_dict().items()},
+            "routers": {key: list(info.expert_ids) for key, info in self.routers.items()},
         }
         if not self.is_plain_lora():
             return {"peft_type": "MOA_FX", "base_model_name_or_path": self.name_or_path or None, "moa_fx": own}
@@ -1024,6 +1026,7 @@ class MoAModel(nn.Module):
         if own.get("base_model_class") != self.model_class:
             raise AdapterLoadError(f"adapters in '{directory}' were saved for {own.get('base_model_class')}, "
                                    f"not {self.model_class}")
+        self._check_router_order(own, directory)
         tensors = _read_safetensors(w_path)
         if config.get("peft_type") == "LORA":
             back = {v: k for k, v in self._peft_names().items()}
@@ -1046,6 +1049,22 @@ class MoAModel(nn.Module):
             raise AdapterLoadError(f"'{w_path}' does not match the checksum in '{cfg_path.name}': the weights file is "
                                    "damaged or comes from another save; save the adapters again")
         self.adapters.load_state_dict({k: tensors[k] for k in own}, strict=True)
+
+    def _check_router_order(self, own: dict, directory: pathlib.Path) -> None:
+        """A router's weight rows follow its experts' order: the saved order must be this model's."""
+        mine = {key: list(info.expert_ids) for key, info in self.routers.items()}
+        saved = own.get("routers")
+        if saved is None:  # format 1: graph order, where up's experts came after gate's
+            swapped = [k for k, ids in mine.items() if any(":" in i and i.split(":")[0].endswith("up_proj") for i in ids)
+                       and any(":" in i and i.split(":")[0].endswith("gate_proj") for i in ids)]
+            if swapped:
+                raise AdapterLoadError(f"adapters in '{directory}' were saved by an older moa-fx whose routers ordered "
+                                       f"gate's experts before up's ({swapped[0]}); their router rows would be read "
+                                       "swapped. Load them with the moa-fx that saved them and save again")
+        elif saved != mine:
+            key = next(k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
+            raise AdapterLoadError(f"adapters in '{directory}' route {key} over experts {saved.get(key)}, this model "
+                                   f"over {mine.get(key)}: the router rows would be read in another order")
 
     def _load_peft_lora(self, directory: pathlib.Path) -> None:
         """A PEFT LoRA directory into this model, whose spec must equal the one its config describes."""

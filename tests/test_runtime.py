@@ -261,3 +261,28 @@ def test_transforming_a_transformed_model_is_refused(llama):
     moa = transform(llama, "lora")
     with pytest.raises(MoaFxError, match="already transformed"):
         transform(moa, "lora", example_inputs=(tokens(),))
+
+
+def test_router_order_is_saved_and_checked(tmp_path, llama):
+    """Router rows follow the experts' order; adapters saved under another order (format 1 put gate's
+    experts before up's) must not load with their rows swapped."""
+    import json
+
+    spec = Spec(experts=(LoraExpert(at=("@gate", "@up"), r=4),),
+                router=RouterSpec(scope="@blocks", gate="softmax", select="dense"))
+    moa = transform(llama, spec)
+    moa.save_adapters(tmp_path)
+    moa.load_adapters(tmp_path)  # the same order: loads
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    saved = cfg["moa_fx"]["routers"]["model.layers.0"]
+    assert saved.index("mlp.up_proj:lora") < saved.index("mlp.gate_proj:lora")
+    cfg["moa_fx"]["routers"]["model.layers.0"] = list(reversed(saved))
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="router rows would be read in another order"):
+        moa.load_adapters(tmp_path)
+    del cfg["moa_fx"]["routers"]
+    cfg["moa_fx"]["format"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="older moa-fx whose routers ordered gate's experts before up's"):
+        moa.load_adapters(tmp_path)
