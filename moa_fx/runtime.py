@@ -1002,7 +1002,7 @@ class MoAModel(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
         own = config.get("moa_fx") if isinstance(config, dict) else None
-        if isinstance(config, dict) and own is None and config.get("peft_type") is not None:
+        if isinstance(config, dict) and own is None and config.get("peft_type") not in (None, "MOA_FX"):
             return self._load_peft_lora(directory)
         if not isinstance(own, dict) or "spec" not in own:
             raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'moa_fx.spec') nor a PEFT one")
@@ -1032,17 +1032,7 @@ class MoAModel(nn.Module):
             back = {v: k for k, v in self._peft_names().items()}
             tensors = {back.get(k, k): v for k, v in tensors.items()}
         own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise AdapterLoadError(f"adapter tensors do not match this model: missing {missing[:3]}, unexpected "
-                                   f"{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
-        for k, v in own.items():
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(tensors[k].shape)} but this model "
-                                       f"expects {tuple(v.shape)}: the base model differs from the one it was saved for")
-            if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
-                raise AdapterLoadError(f"adapter tensor '{k}' holds NaN or inf; the file is damaged")
+        _check_adapter_tensors(own, tensors)
         # last: the specific checks above name the tensor; the checksum catches what still parses
         digest = config["moa_fx"].get("sha256")
         if digest is not None and _sha256(w_path) != digest:
@@ -1081,12 +1071,7 @@ class MoAModel(nn.Module):
                                    "MoAModel.from_pretrained(base, dir), which builds the spec from its config")
         mine = peft_tensors_to_moa(self, tensors)
         own = self.adapter_state_dict()
-        for k, v in own.items():
-            if k not in mine:
-                raise AdapterLoadError(f"'{directory}' has no tensor for {k}")
-            if tuple(mine[k].shape) != tuple(v.shape):
-                raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(mine[k].shape)} in '{directory}' but "
-                                       f"this model expects {tuple(v.shape)}: the base model differs")
+        _check_adapter_tensors(own, mine)
         self.adapters.load_state_dict({k: mine[k] for k in own}, strict=True)
 
     def seed_from_peft(self, directory: str | os.PathLike) -> dict[str, int]:
@@ -1134,14 +1119,7 @@ class MoAModel(nn.Module):
                                            "give the spec it was trained with: from_pretrained(base, dir, spec=...)")
                 moa = transform(model, spec, **kwargs)
                 tensors = read_trainer_checkpoint(directory)
-                own = moa.adapter_state_dict()
-                if set(tensors) != set(own):
-                    raise AdapterLoadError(f"'{directory}' holds adapters of another spec "
-                                           f"({len(set(tensors) ^ set(own))} tensor names differ)")
-                for k, v in own.items():
-                    if tuple(tensors[k].shape) != tuple(v.shape):
-                        raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(tensors[k].shape)} but this "
-                                               f"model expects {tuple(v.shape)}: the base model differs")
+                _check_adapter_tensors(moa.adapter_state_dict(), tensors)
                 moa.adapters.load_state_dict(tensors, strict=True)
                 return moa
             raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_pretrained, a PEFT "
@@ -1150,7 +1128,7 @@ class MoAModel(nn.Module):
             config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
-        if isinstance(config, dict) and "moa_fx" not in config and config.get("peft_type") is not None:
+        if isinstance(config, dict) and "moa_fx" not in config and config.get("peft_type") not in (None, "MOA_FX"):
             from .interop import read_peft_lora, spec_from_peft_config
 
             peft_cfg, _ = read_peft_lora(directory)
@@ -1172,6 +1150,21 @@ class MoAModel(nn.Module):
         moa = transform(model, spec, **kwargs)
         moa.load_adapters(directory)
         return moa
+
+
+def _check_adapter_tensors(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Loaded tensors must be exactly this model's adapters: the same names and shapes, finite values."""
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise AdapterLoadError(f"adapter tensors do not match this model: missing {missing[:3]}, unexpected "
+                               f"{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, v in own.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(tensors[k].shape)} but this model "
+                                   f"expects {tuple(v.shape)}: the base model differs from the one it was saved for")
+        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise AdapterLoadError(f"adapter tensor '{k}' holds NaN or inf; the file is damaged")
 
 
 def _rewrite_name(rewrite: Any) -> str:
