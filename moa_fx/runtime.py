@@ -174,6 +174,7 @@ class MoAModel(nn.Module):
         self._merged = False  # after merge_and_unload()
         self.warnings_issued: dict = {}  # the Trainer and TRL record one-time warnings here, as on a PreTrainedModel
         self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
+        self._max_positions = _learned_positions(model, cap.config)
         self._last: Derived = first
         self._stats: list[torch.Tensor] = []
         self.aux_loss: torch.Tensor | None = None
@@ -469,8 +470,9 @@ class MoAModel(nn.Module):
             else:
                 second = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device) if mask is None else mask
                 if second.shape != tokens.shape:
-                    raise InputError(f"attention_mask has shape {tuple(second.shape)} but the inputs have "
-                                     f"{tuple(tokens.shape)} tokens")
+                    given = "input_ids" if embeds is None else "inputs_embeds"
+                    raise InputError(f"attention_mask has shape {tuple(second.shape)} but {given} have "
+                                     f"{tuple(tokens.shape)}")
             outputs = derived.gm(ids if embeds is None else embeds, second)
             user = self._take_extras(derived, outputs)
             base = pytree.tree_unflatten(user, derived.captured.out_spec)
@@ -573,6 +575,12 @@ class MoAModel(nn.Module):
                              "or a tensor of positions")
         pos = kwargs.get("position_ids")
         seq = (ids if ids is not None else embeds).shape[1]
+        cached = kwargs.get("cache", kwargs.get("past_key_values"))
+        total = seq + (cached.get_seq_length() if hasattr(cached, "get_seq_length") else 0)
+        if self._max_positions is not None and total > self._max_positions and pos is None:
+            raise InputError(f"{total} positions but {self.model_class} has learned position embeddings for "
+                             f"{self._max_positions}; shorten the input (or the generation) to at most "
+                             f"{self._max_positions} tokens")
         if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != seq):
             raise InputError(f"position_ids must be a (batch, sequence) tensor matching the {seq} input tokens; "
                              f"got {getattr(pos, 'shape', type(pos).__name__)}")
@@ -1150,6 +1158,19 @@ class MoAModel(nn.Module):
         moa = transform(model, spec, **kwargs)
         moa.load_adapters(directory)
         return moa
+
+
+def _learned_positions(model: nn.Module, config: Any) -> int | None:
+    """The number of positions a model with a learned position table (GPT-2's wpe, OPT's) can embed;
+    None for rotary or other positions that extend past the config's maximum."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings in (limit, limit + 2) and \
+                module is not getattr(model, "get_input_embeddings", lambda: None)():
+            return limit
+    return None
 
 
 def _check_adapter_tensors(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:

@@ -659,3 +659,15 @@ def test_read_only_output_directory(capsys, tmp_path):
     finally:
         out.chmod(0o700)
     assert "cannot create output directory" in line
+
+
+def test_inputs_longer_than_learned_positions_are_refused():
+    """GPT-2's learned position table has n_positions rows: longer inputs would reach torch's index error."""
+    from moa_fx import transform
+    from tiny import tiny_model
+
+    moa = transform(tiny_model("gpt2"), "lora")
+    with pytest.raises(InputError, match="257 positions but GPT2LMHeadModel has learned position embeddings for 256"):
+        moa(input_ids=torch.zeros(1, 257, dtype=torch.long))
+    llama = transform(tiny_model("llama"), "lora")  # rotary positions: longer than the config's maximum works
+    assert llama(input_ids=torch.zeros(1, 300, dtype=torch.long)).logits.shape[1] == 300
