@@ -40,6 +40,18 @@ _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "modules
                 "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None}
 
 
+def _peft_regex(where: str, pattern: str) -> str:
+    """A regex from an (untrusted) PEFT config, refused like a spec's before it reaches ``re``."""
+    from .errors import SpecError
+    from .spec import check_pattern
+
+    try:
+        check_pattern(where, "re:" + pattern)
+    except SpecError as err:
+        raise AdapterLoadError(f"the PEFT config's {err}") from None
+    return pattern
+
+
 def _peft_matches(target: Any, name: str) -> bool:
     """PEFT's rule: a string is a full-match regex over the module name; a list matches name suffixes."""
     if isinstance(target, str):
@@ -54,6 +66,19 @@ def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
     return default
 
 
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object from an adapter directory, or an AdapterLoadError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterLoadError(f"'{path}' is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"'{path}' is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"'{path}' does not hold a JSON object")
+    return data
+
+
 def read_peft_lora(directory: str | pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and tensors of a PEFT LoRA directory (safetensors only; never a pickle)."""
     from .runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _read_safetensors
@@ -62,12 +87,7 @@ def read_peft_lora(directory: str | pathlib.Path) -> tuple[dict, dict[str, torch
     cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not cfg_path.exists():
         raise AdapterLoadError(f"'{cfg_path}' is missing; point at a PEFT adapter directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterLoadError(f"'{cfg_path}' does not hold a JSON object")
+    cfg = read_json(cfg_path)
     kind = cfg.get("peft_type")
     if kind not in PEFT_IMPORTABLE:
         raise AdapterLoadError(f"'{directory}' holds a PEFT {kind} adapter; moa-fx imports these PEFT methods: "
@@ -90,6 +110,16 @@ def spec_from_peft_config(cfg: dict, model: nn.Module) -> Spec:
     target = cfg.get("target_modules")
     if not target:
         raise AdapterLoadError("the PEFT config names no target_modules; moa-fx needs the projections it adapts")
+    if isinstance(target, str):
+        _peft_regex("target_modules", target)
+    elif not isinstance(target, list) or not all(isinstance(t, str) for t in target):
+        raise AdapterLoadError(f"the PEFT config's target_modules = {target!r} is neither a regex nor a list of names")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterLoadError(f"the PEFT config's {field_name} is not a mapping of patterns to values")
+        for key in patterns:
+            _peft_regex(field_name, str(key))
     r0, a0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     groups: dict[tuple[int, float], list[str]] = {}
     for name, module in model.named_modules():

@@ -1132,11 +1132,10 @@ class MoAModel(nn.Module):
                 return moa
             raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_pretrained, a PEFT "
                                    "LoRA directory or a Trainer checkpoint")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
-        if isinstance(config, dict) and "moa_fx" not in config and config.get("peft_type") not in (None, "MOA_FX"):
+        from .interop import read_json
+
+        config = read_json(cfg_path)
+        if "moa_fx" not in config and config.get("peft_type") not in (None, "MOA_FX"):
             from .interop import read_peft_lora, spec_from_peft_config
 
             peft_cfg, _ = read_peft_lora(directory)
@@ -1205,13 +1204,11 @@ def _placed_sites(moa: "MoAModel") -> dict[str, tuple]:
 
 def _load_named_base(directory: pathlib.Path) -> nn.Module:
     """The base model an adapter directory names (``base_model_name_or_path``), from a local path."""
+    from .interop import read_json
+
     cfg_path = directory / ADAPTER_CONFIG
-    try:
-        name = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise AdapterLoadError(f"cannot read '{cfg_path}' ({err}); give the base model: from_pretrained(base, dir)") \
-            from None
-    if not name:
+    name = read_json(cfg_path).get("base_model_name_or_path")
+    if not name or not isinstance(name, str):
         raise AdapterLoadError(f"'{cfg_path}' names no base model (base_model_name_or_path); give it: "
                                "from_pretrained(base, dir)")
     if not pathlib.Path(name).is_dir():
@@ -1219,7 +1216,8 @@ def _load_named_base(directory: pathlib.Path) -> nn.Module:
                                "downloaded); load it yourself and call from_pretrained(base, dir)")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name)
+    # safetensors only: a directory named by an untrusted config must not make us unpickle weights
+    return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
 
 
 _PEFT_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "bias",

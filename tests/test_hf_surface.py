@@ -291,3 +291,22 @@ def test_resize_token_embeddings_derives_the_graphs_again():
     torch.testing.assert_close(after[:, :6, :128], before, rtol=1e-5, atol=1e-5)
     out = moa.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 8)
+
+
+def test_untrusted_peft_config_regexes_are_refused_before_re(tmp_path):
+    """A PEFT config is data from a directory: its target_modules regex and rank_pattern keys pass the
+    spec's pattern check (no backtracking constructs) before anything matches them."""
+    import json
+    import time
+
+    base = tiny_model("llama")
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for field, value in (("target_modules", "(.*)*x"), ("rank_pattern", {"(a+)+$": 2})):
+        bad = dict(cfg, **{field: value})
+        cfg_path.write_text(json.dumps(bad))
+        start = time.perf_counter()
+        with pytest.raises(AdapterLoadError, match=f"PEFT config's {field}"):
+            MoAModel.from_pretrained(base, tmp_path)
+        assert time.perf_counter() - start < 5
