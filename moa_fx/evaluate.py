@@ -43,6 +43,7 @@ import torch
 
 from moa_fx import tasks as T
 from moa_fx.errors import InputError
+from moa_fx.fileio import atomic_write_json
 from moa_fx.spec import LoraExpert, Spec
 
 __all__ = [
@@ -487,7 +488,7 @@ def run_evaluation(cfg: EvalConfig, *, log_path: str | None = None, partial_path
             results["runs"].extend(out["runs"])
         results["wall_s"] = time.perf_counter() - t0
         if partial_path is not None:
-            _write_json(pathlib.Path(partial_path), results)
+            atomic_write_json(pathlib.Path(partial_path), results)
     results["wall_s"] = time.perf_counter() - t0
     results["summary"] = summarize(results)
     log(f"evaluation done in {results['wall_s'] / 60:.1f} min")
@@ -707,12 +708,6 @@ def _png_chart(results: dict[str, Any], path: pathlib.Path) -> pathlib.Path | No
     return path
 
 
-def _write_json(path: pathlib.Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, pathlib.Path]:
     """``results.json``, ``results.md``, ``active_experts.txt`` and, if matplotlib is installed,
     ``active_experts.png`` in ``out``."""
@@ -721,7 +716,7 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, p
     if "summary" not in results:
         results["summary"] = summarize(results)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    _write_json(paths["json"], results)
+    atomic_write_json(paths["json"], results)
     paths["markdown"].write_text(markdown_report(results), encoding="utf-8")
     chart = terminal_chart(results, plain=True)
     if chart:

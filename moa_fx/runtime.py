@@ -30,7 +30,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import uuid
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch import nn
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
                      has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
 from .errors import AdapterLoadError, InputError, MoaFxError
+from .fileio import atomic_write, sha256_file
 from .graph import ADAPTER_ROOT
 from .spec import LoraExpert, Spec, load_spec, spec_from_dict, spec_to_dict
 
@@ -993,7 +993,7 @@ class MoAModel(nn.Module):
         config_data = self.adapter_config()
         # the checksum ties the config to these exact weight bytes: damage anywhere in the file, or a
         # weights file from another save, is caught at load time
-        config_data["moa_fx"]["sha256"] = _sha256(directory / ADAPTER_WEIGHTS)
+        config_data["moa_fx"]["sha256"] = sha256_file(directory / ADAPTER_WEIGHTS)
         config = json.dumps(config_data, indent=2, sort_keys=True)
         atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
         return directory
@@ -1043,7 +1043,7 @@ class MoAModel(nn.Module):
         _check_adapter_tensors(own, tensors)
         # last: the specific checks above name the tensor; the checksum catches what still parses
         digest = config["moa_fx"].get("sha256")
-        if digest is not None and _sha256(w_path) != digest:
+        if digest is not None and sha256_file(w_path) != digest:
             raise AdapterLoadError(f"'{w_path}' does not match the checksum in '{cfg_path.name}': the weights file is "
                                    "damaged or comes from another save; save the adapters again")
         self.adapters.load_state_dict({k: tensors[k] for k in own}, strict=True)
@@ -1228,25 +1228,6 @@ def _canonical(value: Any) -> Any:
     return sorted(value) if isinstance(value, list) else value
 
 
-def atomic_write(path: pathlib.Path, write) -> None:
-    """Write to a temporary ``.<name>.*.tmp`` file in the same directory, fsync, then rename over
-    ``path``: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
-    try:
-        write(tmp_path)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp_path, 0o666 & ~mask)  # mkstemp makes 0600; a saved file gets the umask's mode
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
 def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -1256,16 +1237,6 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterLoadError(f"'{path}' is not a readable safetensors file ({err}); it is truncated or "
                                "damaged (moa-fx never loads pickles)") from None
-
-
-def _sha256(path: pathlib.Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:

@@ -36,7 +36,8 @@ from torch import nn
 
 from .data import Batch, DigitTasks, batch_generator, check_batch
 from .errors import CheckpointError, MoaFxError, RunLockedError, SettingError
-from .runtime import MoAModel, atomic_write, transform
+from .fileio import atomic_write
+from .runtime import MoAModel, transform
 from .spec import load_spec, spec_to_dict
 
 __all__ = ["TrainConfig", "TrainResult", "Callbacks", "train", "save_checkpoint", "load_checkpoint",
