@@ -1,7 +1,7 @@
 """Fine-tune SmolLM2-135M on BIG-bench tasks with five moa-fx methods and report a comparison table.
 
 The methods (``lora``, ``mole_topk``, ``adamole``, ``soft_moa``, ``sparse_moa``) run at a comparable
-trainable-parameter budget (see ``moa_fx.evaluate.BUDGET_CHANGES``), on one task alone and on a
+trainable-parameter budget (see ``moa_fx.eval.evaluate.BUDGET_CHANGES``), on one task alone and on a
 mixture of tasks, for several seeds. The report gives accuracy mean ± std next to chance and the
 zero-shot base model, trainable parameters, step time, peak RSS and, for the routed methods, the mean
 active experts per token; a chart shows the active experts per layer for adamole and sparse_moa.
@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 
-from moa_fx import evaluate as ev
+from moa_fx.eval import evaluate as ev
 
 
 def _list(text: str) -> list[str]:

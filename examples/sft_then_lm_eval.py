@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from trl import SFTConfig, SFTTrainer
 
     from moa_fx import MoAModel, transform
-    from moa_fx.assets import smollm2_path
-    from moa_fx.tasks import load_task, split
+    from moa_fx.eval.assets import smollm2_path
+    from moa_fx.eval.tasks import load_task, split
 
     out = pathlib.Path(args.out)
     path = smollm2_path()

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa_fx import assets
+from moa_fx.eval import assets
 from moa_fx.errors import AssetError
 
 needs_smollm2 = pytest.mark.skipif(
     not assets.smollm2_cached(),
-    reason="SmolLM2 not in the moa-fx cache; run moa_fx.assets.smollm2_path() once",
+    reason="SmolLM2 not in the moa-fx cache; run moa_fx.eval.assets.smollm2_path() once",
 )
 needs_sports = pytest.mark.skipif(
     not assets.bigbench_task_cached("sports_understanding"),
-    reason="sports_understanding not in the moa-fx cache; run moa_fx.assets.bigbench_task(...) once",
+    reason="sports_understanding not in the moa-fx cache; run moa_fx.eval.assets.bigbench_task(...) once",
 )
 
 
@@ -90,7 +90,7 @@ def test_smollm2_has_the_documented_shape_and_sensible_weights():
 
 @needs_sports
 def test_cached_task_loads():
-    from moa_fx.tasks import load_task
+    from moa_fx.eval.tasks import load_task
 
     task = assets.bigbench_task("sports_understanding")
     assert len(task["examples"]) == 1000

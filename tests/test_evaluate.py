@@ -1,4 +1,4 @@
-"""The evaluation report (moa_fx/evaluate.py, examples/evaluate.py): the smoke version end to end on a
+"""The evaluation report (moa_fx/eval/evaluate.py, examples/evaluate.py): the smoke version end to end on a
 tiny random model and synthetic task dicts (no assets, no network), and a short run on the real
 assets that skips itself when they are not cached."""
 
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from moa_fx import evaluate as ev
-from moa_fx.assets import asset_available
+from moa_fx.eval import evaluate as ev
+from moa_fx.eval.assets import asset_available
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

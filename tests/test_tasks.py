@@ -10,7 +10,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moa_fx.errors import AssetError, InputError
-from moa_fx.tasks import (
+from moa_fx.eval.tasks import (
     TaskExample,
     accuracy,
     encode_for_training,

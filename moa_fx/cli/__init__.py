@@ -3,7 +3,7 @@
 - ``moa-fx dump MODEL``  — the captured graph, or after the rewrite (:mod:`.dump`)
 - ``moa-fx sites MODEL --spec S`` — what each spec rule matches and the parameters it adds (:mod:`.sites`)
 - ``moa-fx diff ...``  — graph before/after a spec, two specs, or two JSON dumps (:mod:`.diff`)
-- ``moa-fx train``  — a training run, offline by default (:mod:`.train`; the loop is :mod:`moa_fx.train`)
+- ``moa-fx train``  — a training run, offline by default (:mod:`.train`; the run is :mod:`moa_fx.train`)
 
 Every :class:`~moa_fx.errors.MoaFxError` becomes one line on stderr and exit status 2;
 ``MOA_FX_DEBUG=1`` re-raises it with the full traceback.

@@ -6,9 +6,13 @@ mixture of four digit tasks (copy / reverse / sort / increment of 3-8 digits, lo
 tokens only), so the router has tasks to tell apart. Each evaluation reports the held-out loss and
 answer accuracy (every answer token right under greedy decoding).
 
-One run at a time per OUT: a second run on the same directory fails while the first holds
-OUT/.moa-fx-train.lock (created atomically, removed at the end; a killed run's lock is reported
-with how to remove it).
+One run at a time per OUT: a second run on the same directory fails while the first holds an
+exclusive lock on OUT/.moa-fx-train.lock (the message names its pid and host); the lock goes with
+the process that holds it, so a killed run leaves nothing to remove.
+
+Each step clips the gradient norm to --max-grad-norm (1.0); the learning rate rises linearly over
+the first 20 steps, then decays along a cosine to 10% of --lr at --steps (moa_fx.train.loop: the
+loop the evaluation in moa_fx.eval uses too).
 
 Writes OUT/checkpoint (adapters, optimizer state and RNG state in safetensors, step and loss
 history in JSON; never a pickle) every --save-every steps and at the end, and OUT/adapter
@@ -52,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate; warmup then cosine (default: {d.lr})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help=f"clip the gradient norm to this before each step; 0 = no clipping (default: {d.max_grad_norm})")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16 = autocast (default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the training forward/backward (default: on)")
@@ -118,7 +124,7 @@ class _Display:
 
 def run(args: argparse.Namespace, console) -> int:
     cfg = TrainConfig(out=args.out, model=args.model, spec=args.spec, data=args.data, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, precision=args.precision, compile=args.compile,
+                      batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, precision=args.precision, compile=args.compile,
                       seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                       eval_examples=args.eval_examples, resume=args.resume, stop_after=args.stop_after)
     if args.threads is not None and args.threads < 1:

@@ -17,10 +17,12 @@ Map:
 
 Protocol (ASSETS.md, section 3): each task's examples are split once (``split_seed``) into train and
 a held-out test set; the first ``eval_examples`` of the test set are scored by the summed
-log-likelihood of each choice (:func:`moa_fx.tasks.score_choices`), for the untouched base model
-(zero-shot) and after fine-tuning with the loss on the answer tokens only. A mixture setting trains
-on a shuffled mix of its tasks' training splits (:func:`moa_fx.tasks.mixture`) and reports the
-macro mean of its tasks' accuracies (each task's own is in the JSON and a second table).
+log-likelihood of each choice (:func:`moa_fx.eval.tasks.score_choices`), for the untouched base model
+(zero-shot) and after fine-tuning with the loss on the answer tokens only, by the training loop of
+``moa-fx train`` (:func:`moa_fx.train.fit`: AdamW, warmup + cosine, gradients clipped to
+``max_grad_norm``). A mixture setting trains on a shuffled mix of its tasks' training splits
+(:func:`moa_fx.eval.tasks.mixture`) and reports the macro mean of its tasks' accuracies (each task's
+own is in the JSON and a second table).
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ from typing import Any
 
 import torch
 
-from moa_fx import tasks as T
+from moa_fx import presets
+from moa_fx.data import Batch
 from moa_fx.errors import InputError
+from moa_fx.eval import tasks as T
 from moa_fx.fileio import atomic_write_json
 from moa_fx.spec import LoraExpert, Spec
+from moa_fx.train import Schedule, StepReport, fit, make_optimizer
 
 __all__ = [
     "METHODS",
@@ -64,7 +69,6 @@ __all__ = [
 ]
 
 METHODS = ("lora", "mole_topk", "adamole", "soft_moa", "sparse_moa")
-QKVOD = ("@q", "@k", "@v", "@o", "@down")
 
 # What each method's spec changes from its preset (moa_fx/presets.py) so that every method holds a
 # comparable number of trainable parameters (SmolLM2-135M: LoRA r=16 ≈ 2.9M, soft MoA ≈ 3.1M, Sparse
@@ -80,13 +84,11 @@ BUDGET_CHANGES = {
 
 def budget_spec(method: str) -> Spec:
     """The spec used for ``method`` in this evaluation (its preset, resized per :data:`BUDGET_CHANGES`)."""
-    from moa_fx import presets
-
     spec = presets.get(method)
     if method == "lora":
-        spec = dataclasses.replace(spec, experts=(LoraExpert(at=QKVOD, r=16, alpha=16),))
+        spec = dataclasses.replace(spec, experts=(LoraExpert(at=presets.QKVOD, r=16, alpha=16),))
     elif method == "mole_topk":
-        spec = dataclasses.replace(spec, experts=(LoraExpert(at=QKVOD, r=4, alpha=4, count=4),))
+        spec = dataclasses.replace(spec, experts=(LoraExpert(at=presets.QKVOD, r=4, alpha=4, count=4),))
     elif method == "adamole":
         (expert,) = spec.experts
         spec = dataclasses.replace(spec, experts=(dataclasses.replace(expert, count=4),))
@@ -112,6 +114,7 @@ class EvalConfig:
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int | None = None  # default: 10% of the steps
+    max_grad_norm: float = 1.0  # 0: no clipping
     max_len: int = 64
     eval_examples: int = 150
     threads: int = 2  # the cores really free: on a shared CPU one thread is often faster (ASSETS.md, section 1)
@@ -135,6 +138,8 @@ class EvalConfig:
         for name in ("steps", "batch_size", "max_len", "eval_examples", "threads"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} = {getattr(self, name)} must be >= 1")
+        if not self.max_grad_norm >= 0:
+            raise InputError(f"max_grad_norm = {self.max_grad_norm} must be >= 0 (0: no clipping)")
         if self.model not in ("smollm2", "tiny") or self.data not in ("bigbench", "synthetic"):
             raise InputError("model must be 'smollm2' or 'tiny', data 'bigbench' or 'synthetic'")
 
@@ -207,7 +212,7 @@ def _load_model(cfg: EvalConfig):
         return _tiny_model(), CharTokenizer(128)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moa_fx.assets import smollm2_path
+    from moa_fx.eval.assets import smollm2_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -233,8 +238,7 @@ def _task_loader(cfg: EvalConfig) -> Callable[[str], list[T.TaskExample]]:
 def _splits(cfg: EvalConfig, load, names: Sequence[str]) -> dict[str, tuple[list, list]]:
     out = {}
     for name in names:
-        examples = [T._tagged(e, name) for e in load(name)]
-        train, test = T.split(examples, seed=cfg.split_seed, group_key=T.GROUP_KEYS.get(name))
+        train, test = T.split_task(name, seed=cfg.split_seed, loader=load)
         out[name] = (train, test[: cfg.eval_examples])
     return out
 
@@ -242,14 +246,6 @@ def _splits(cfg: EvalConfig, load, names: Sequence[str]) -> dict[str, tuple[list
 # --------------------------------------------------------------------------------------------------
 # one run
 # --------------------------------------------------------------------------------------------------
-
-
-def _lr_at(cfg: EvalConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to 10% of ``lr`` at the last step (step counts from 1)."""
-    if step <= cfg.warmup:
-        return cfg.lr * step / max(cfg.warmup, 1)
-    progress = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _training_stream(cfg: EvalConfig, load, names: Sequence[str], splits, seed: int) -> list[T.TaskExample]:
@@ -282,8 +278,8 @@ def active_experts_per_layer(moa, tokenizer, examples: Sequence[T.TaskExample], 
         return {}
     groups: dict[int, list[list[int]]] = {}
     for example in examples:
-        prompt, choice = T._token_pair(tokenizer, example.prompt, example.choices[example.answer])
-        ids = T._fit(prompt, choice, max_len) + choice
+        prompt, choice = T.answer_tokens(tokenizer, example, max_len)
+        ids = prompt + choice
         groups.setdefault(len(ids), []).append(ids)
     was_training = moa.training
     moa.eval()
@@ -329,27 +325,23 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, load, method: str, settin
     moa = transform(base, budget_spec(method))
     transform_s = time.perf_counter() - t0
     trainable, total = moa.trainable_parameter_count()
-    params = [p for p in moa.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(moa, cfg.lr)
     moa.train()
-    losses, step_times = [], []
+    schedule = Schedule(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm)
+
+    def batch_at(step: int) -> Batch:
+        rows = stream[(step - 1) * cfg.batch_size: step * cfg.batch_size]
+        return Batch(**T.encode_for_training(tokenizer, rows, cfg.max_len))
+
+    def log_step(report: StepReport) -> None:
+        if report.step == 1 or report.step % max(1, cfg.steps // 5) == 0 or report.step == cfg.steps:
+            log(f"  {method} {setting} seed {seed}: step {report.step}/{cfg.steps} loss {report.loss:.4f} "
+                f"({report.seconds:.2f} s/step)")
+
     t_train = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        batch = T.encode_for_training(tokenizer, stream[(step - 1) * cfg.batch_size: step * cfg.batch_size], cfg.max_len)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        t = time.perf_counter()
-        loss = moa(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t)
-        losses.append(float(loss.detach()))
-        if step == 1 or step % max(1, cfg.steps // 5) == 0 or step == cfg.steps:
-            log(f"  {method} {setting} seed {seed}: step {step}/{cfg.steps} loss {losses[-1]:.4f} "
-                f"({step_times[-1]:.2f} s/step)")
+    reports = fit(moa, optimizer, schedule, batch_at, on_step=log_step)
     train_s = time.perf_counter() - t_train
+    losses, step_times = [r.loss for r in reports], [r.seconds for r in reports]
     t_eval = time.perf_counter()
     accuracy, first_choice = {}, {}
     for name in names:

@@ -5,10 +5,11 @@ Map:
 - :class:`TaskExample` -- one prompt, its choices and the index of the right one.
 - :func:`examples_from_task_dict` / :func:`load_task` -- build examples from a
   BIG-bench ``task.json`` (a dict, or a task name fetched by
-  :func:`moa_fx.assets.bigbench_task`).
-- :func:`split` / :func:`task_split` -- seeded train/test hold-out, grouped
+  :func:`moa_fx.eval.assets.bigbench_task`).
+- :func:`split` / :func:`split_task` -- seeded train/test hold-out, grouped
   where examples share a source sentence (:func:`winowhy_group`).
-- :func:`encode_for_training` -- token tensors with the loss on answer tokens only.
+- :func:`encode_for_training` -- token tensors with the loss on answer tokens only
+  (:func:`answer_tokens` -- one example's prompt and answer ids).
 - :func:`score_choices` / :func:`accuracy` -- zero-shot or fine-tuned evaluation
   by summed log-likelihood of each choice.
 - :func:`mixture` -- a shuffled multi-task training set from the training splits.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moa_fx.data import IGNORE_INDEX
 from moa_fx.errors import AssetError, InputError
 
 __all__ = [
@@ -36,8 +38,9 @@ __all__ = [
     "examples_from_task_dict",
     "load_task",
     "split",
-    "task_split",
+    "split_task",
     "winowhy_group",
+    "answer_tokens",
     "encode_for_training",
     "score_choices",
     "accuracy",
@@ -58,10 +61,6 @@ CHOSEN_TASKS = (
 _DEFAULT_INPUT_PREFIX = "\nQ: "
 _DEFAULT_OUTPUT_PREFIX = "\nA: "
 _DEFAULT_CHOICE_PREFIX = "\n  choice: "
-
-# Loss is not computed where labels hold this value (PyTorch cross-entropy default).
-IGNORE_INDEX = -100
-
 
 @dataclass(frozen=True)
 class TaskExample:
@@ -144,7 +143,7 @@ def load_task(name: str, *, max_examples: int | None = None) -> list[TaskExample
 
     ``max_examples`` keeps the first N; use :func:`split` for a random subset.
     """
-    from moa_fx.assets import bigbench_task
+    from moa_fx.eval.assets import bigbench_task
 
     examples = examples_from_task_dict(bigbench_task(name), name=name)
     return examples if max_examples is None else examples[:max_examples]
@@ -215,10 +214,19 @@ def split(
     return train, test
 
 
-def task_split(name: str, *, seed: int = 0, **kwargs) -> tuple[list[TaskExample], list[TaskExample]]:
-    """:func:`split` of BIG-bench task ``name``, grouped where :data:`GROUP_KEYS` says so."""
-    kwargs.setdefault("group_key", GROUP_KEYS.get(name))
-    return split(load_task(name), seed=seed, **kwargs)
+def split_task(
+    name: str,
+    *,
+    seed: int,
+    loader: Callable[[str], Sequence[TaskExample]] | None = None,
+) -> tuple[list[TaskExample], list[TaskExample]]:
+    """:func:`split` of task ``name``'s examples, each tagged with ``name``, grouped
+    where :data:`GROUP_KEYS` says so; returns ``(train, test)``.
+
+    ``loader`` maps a task name to its examples (default :func:`load_task`).
+    """
+    examples = [_tagged(example, name) for example in (loader or load_task)(name)]
+    return split(examples, seed=seed, group_key=GROUP_KEYS.get(name))
 
 
 def mixture(
@@ -234,15 +242,13 @@ def mixture(
     with its task name.
 
     ``loader`` maps a task name to its examples (default :func:`load_task`);
-    the test split is never drawn from, so evaluating on ``task_split(name,
+    the test split is never drawn from, so evaluating on ``split_task(name,
     seed=split_seed)[1]`` stays clean.
     """
-    load = loader or load_task
     rng = random.Random(seed)
     mixed = []
     for name in task_names:
-        examples = [_tagged(example, name) for example in load(name)]
-        train, _ = split(examples, seed=split_seed, group_key=GROUP_KEYS.get(name))
+        train, _ = split_task(name, seed=split_seed, loader=loader)
         if per_task > len(train):
             raise InputError(
                 f"per_task = {per_task} but task {name!r} has {len(train)} training examples; "
@@ -284,6 +290,13 @@ def _fit(prompt_ids: list[int], choice_ids: list[int], max_len: int) -> list[int
     return prompt_ids[-keep:]
 
 
+def answer_tokens(tokenizer, example: TaskExample, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the right answer, the prompt cut from the left so that both
+    fit in ``max_len`` (training and the routing statistics read exactly these tokens)."""
+    prompt_ids, choice_ids = _token_pair(tokenizer, example.prompt, example.choices[example.answer])
+    return _fit(prompt_ids, choice_ids, max_len), choice_ids
+
+
 def _pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
         raise InputError(
@@ -308,8 +321,7 @@ def encode_for_training(
     pad = _pad_id(tokenizer)
     rows = []
     for example in examples:
-        prompt_ids, choice_ids = _token_pair(tokenizer, example.prompt, example.choices[example.answer])
-        prompt_ids = _fit(prompt_ids, choice_ids, max_len)
+        prompt_ids, choice_ids = answer_tokens(tokenizer, example, max_len)
         rows.append((prompt_ids + choice_ids, [IGNORE_INDEX] * len(prompt_ids) + choice_ids))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
