@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0; 0 = none)")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per sequence (prompt cut on the left)")
     parser.add_argument("--eval-examples", type=int, default=None, help="held-out examples scored per task")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the cores really free)")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {}
     for key, value in (("methods", args.methods), ("settings", args.tasks), ("steps", args.steps),
-                       ("batch_size", args.batch_size), ("lr", args.lr), ("max_len", args.max_len),
+                       ("batch_size", args.batch_size), ("lr", args.lr), ("max_grad_norm", args.max_grad_norm),
+                       ("max_len", args.max_len),
                        ("eval_examples", args.eval_examples), ("threads", args.threads)):
         if value is not None:
             overrides[key] = value

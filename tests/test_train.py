@@ -1,4 +1,5 @@
-"""The training loop: checkpoints, exact resume, leftovers from a killed save, no pickles."""
+"""The training loop: checkpoints, exact resume, leftovers from a killed save, no pickles; clipping and the
+learning-rate schedule of the one loop (moa_fx.train.loop)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from moa_fx.cli.models import load_model
-from moa_fx.errors import CheckpointError
-from moa_fx.train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, train
+from moa_fx.errors import CheckpointError, SettingError
+from moa_fx.train import CHECKPOINT_DIR, STATE_FILE, Schedule, TrainConfig, fit, lr_at, make_optimizer, train
 
 SMALL = dict(model="tiny-llama", spec="sparse_moa", steps=8, batch_size=8, lr=1e-2, warmup=2, compile=False,
              eval_every=4, save_every=4, eval_examples=16, log_every=2)
@@ -84,3 +85,42 @@ def test_loss_goes_down_on_the_digit_tasks(tmp_path):
                  lr=1e-2, warmup=5)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.1, (first, last)
+
+
+def _toy_fit(max_grad_norm: float) -> list[float]:
+    """Three steps of :func:`fit` on a linear model whose loss has large gradients; returns the gradient
+    norm the optimizer saw at each step."""
+    from types import SimpleNamespace
+
+    from moa_fx.data import Batch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    optimizer = make_optimizer(layer, lr=1e-3)
+    norms: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: norms.append(float(torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in layer.parameters()])))))
+    ids = torch.ones(2, 4, dtype=torch.long)
+
+    def forward(input_ids, attention_mask, labels):
+        return SimpleNamespace(loss=100.0 * layer(input_ids.float()).pow(2).mean())
+
+    fit(forward, optimizer, Schedule(steps=3, lr=1e-3, warmup=0, max_grad_norm=max_grad_norm),
+        lambda step: Batch(ids, torch.ones_like(ids), ids))
+    return norms
+
+
+def test_fit_clips_the_gradient_norm():
+    assert all(n > 1.0 for n in _toy_fit(0.0))  # without clipping the gradients are large
+    assert all(n == pytest.approx(1.0, rel=1e-4) for n in _toy_fit(1.0))
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    s = Schedule(steps=10, lr=1.0, warmup=2)
+    assert [lr_at(s, k) for k in (1, 2)] == [0.5, 1.0]
+    assert lr_at(s, 10) == pytest.approx(0.1) and lr_at(s, 2) > lr_at(s, 6) > lr_at(s, 10)
+
+
+def test_max_grad_norm_must_not_be_negative(tmp_path):
+    with pytest.raises(SettingError, match="--max-grad-norm = -1.0 must be >= 0"):
+        TrainConfig(out=str(tmp_path), max_grad_norm=-1.0)

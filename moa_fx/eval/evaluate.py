@@ -5,7 +5,7 @@ Map:
 - :data:`METHODS` / :func:`budget_spec` -- the compared methods, with the preset changes that put
   them at a comparable trainable-parameter budget (:data:`BUDGET_CHANGES` says what changed).
 - :class:`EvalConfig` -- what a report runs: methods, settings (one task, or a mixture written
-  ``a+b+c``), seeds, steps, batch, learning rate, lengths, eval size, threads.
+  ``a+b+c``), seeds, steps, batch, learning rate, gradient clipping, lengths, eval size, threads.
 - :func:`run_evaluation` -- zero-shot scores, then one fine-tuning run per (method, setting, seed);
   returns a JSON-able dict. With ``isolate`` every (method, setting, seed) runs in a fresh process so its
   peak RSS (``resource.getrusage``) is its own.
