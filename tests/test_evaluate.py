@@ -93,6 +93,16 @@ def test_cli_quick_and_report_from(tmp_path, monkeypatch, capsys):
     assert "sparse_moa · parity+compare" in capsys.readouterr().out
 
 
+def test_the_compiler_and_the_cli_do_not_import_the_harness():
+    """moa_fx.eval sits behind the [eval] extra: importing the package, the CLI or the trainer loads none of it."""
+    import subprocess
+
+    code = ("import sys, moa_fx, moa_fx.cli, moa_fx.train; "
+            "print(sorted(m for m in sys.modules if m.startswith('moa_fx.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_budget_specs_and_config_errors():
     assert ev.budget_spec("lora").experts[0].r == 16
     topk = ev.budget_spec("mole_topk")
@@ -103,6 +113,8 @@ def test_budget_specs_and_config_errors():
     assert set(ev.BUDGET_CHANGES) == set(ev.METHODS)
     with pytest.raises(Exception, match="unknown method"):
         ev.EvalConfig(methods=("nope",))
+    with pytest.raises(Exception, match="max_grad_norm = -1 must be >= 0"):
+        ev.EvalConfig(max_grad_norm=-1)
     assert ev.parse_setting("a+b") == ["a", "b"] and ev.setting_kind("a") == "single"
 
 
