@@ -66,7 +66,7 @@ __all__ = [
 METHODS = ("lora", "mole_topk", "adamole", "soft_moa", "sparse_moa")
 QKVOD = ("@q", "@k", "@v", "@o", "@down")
 
-# What each method's spec changes from its preset (moa_fx/presets.py) so that every method holds a
+# What each method's spec changes from its preset (moa_fx/spec/presets.py) so that every method holds a
 # comparable number of trainable parameters (SmolLM2-135M: LoRA r=16 ≈ 2.9M, soft MoA ≈ 3.1M, Sparse
 # MoA ≈ 2.9M, top-k MoLE ≈ 3.3M, AdaMoLE ≈ 2.2M; the exact counts are measured and reported).
 BUDGET_CHANGES = {
@@ -80,7 +80,7 @@ BUDGET_CHANGES = {
 
 def budget_spec(method: str) -> Spec:
     """The spec used for ``method`` in this evaluation (its preset, resized per :data:`BUDGET_CHANGES`)."""
-    from moa_fx import presets
+    from moa_fx.spec import presets
 
     spec = presets.get(method)
     if method == "lora":
