@@ -103,12 +103,12 @@ def check_pattern(where: str, pattern: Any) -> str:
         raise fail(where, pattern, "each pattern must be a non-empty string")
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise fail(where, pattern[:40] + "...", f"a pattern may have at most {MAX_PATTERN_LENGTH} characters "
-                    f"(this one has {len(pattern)})")
+                   f"(this one has {len(pattern)})")
     if pattern.startswith("re:"):
         problem = _regex_problem(pattern[3:])
         if problem:
             raise fail(where, pattern, f"this regular expression {problem}",
-                        "write it without nested or repeated groups, or use a glob such as 'model.layers.*.q_proj'")
+                       "write it without nested or repeated groups, or use a glob such as 'model.layers.*.q_proj'")
     return pattern
 
 
@@ -167,11 +167,11 @@ def _as_patterns(where: str, value: Any, one_string: bool = True) -> tuple[str, 
     if isinstance(value, str):
         if not one_string:
             raise fail(where, value, "give a list of patterns, not a string",
-                        f"write {where.rsplit('.', 1)[-1]} = [{value!r}]")
+                       f"write {where.rsplit('.', 1)[-1]} = [{value!r}]")
         value = (value,)
     if not isinstance(value, (list, tuple)) or (one_string and not value):
         raise fail(where, value, "give a module-path glob such as '*.q_proj' or a list of them "
-                    "(prefix 're:' for a regular expression)")
+                   "(prefix 're:' for a regular expression)")
     return tuple(check_pattern(where, p) for p in value)
 
 
@@ -183,7 +183,7 @@ def _as_layers(where: str, value: Any) -> tuple[int, ...] | None:
         unknown = set(value) - {"from", "to"}
         if unknown or "from" not in value or "to" not in value:
             raise fail(where, value, "write a range as {from = 0, to = 15} (both ends included) "
-                        "or a list of layer indices")
+                       "or a list of layer indices")
         lo, hi = value["from"], value["to"]
         if not (isinstance(lo, int) and isinstance(hi, int)) or lo < 0 or hi < lo:
             raise fail(where, value, "a range needs integers 0 <= from <= to")
@@ -218,7 +218,7 @@ def _check_name(where: str, value: Any) -> None:
 
     if not isinstance(value, str) or not value.isidentifier() or len(value) > 64:
         raise fail(where, value, "an expert name must be an identifier of at most 64 characters "
-                    "(letters, digits, '_'; it becomes part of parameter names)")
+                   "(letters, digits, '_'; it becomes part of parameter names)")
     if hasattr(torch.nn.Linear(1, 1, device="meta"), value):
         raise fail(where, value, "it collides with an attribute of torch modules", "choose another name")
 
@@ -315,8 +315,8 @@ class LoraExpert(ExpertSpec):
         if isinstance(self.r, (list, tuple)):
             if self.count not in (1, len(ranks)):
                 raise fail("expert.lora.count", self.count,
-                            f"with a list of {len(ranks)} ranks, count must be 1 or {len(ranks)}",
-                            "drop count: one expert is made per listed rank")
+                           f"with a list of {len(ranks)} ranks, count must be 1 or {len(ranks)}",
+                           "drop count: one expert is made per listed rank")
             object.__setattr__(self, "r", tuple(ranks))
         check_number("expert.lora.alpha", self.alpha, "(0, inf)")
         check_number("expert.lora.dropout", self.dropout, "[0, 1)")
@@ -455,7 +455,7 @@ class RouterSpec:
             raise fail("router.renormalize", self.renormalize, "it must be true, false or left out")
         if self.scope == "none" and self.select != "dense":
             raise fail("router.select", self.select, "without a router (scope = 'none') only 'dense' applies",
-                        "set router.scope to 'site' or a block glob")
+                       "set router.scope to 'site' or a block glob")
 
     @property
     def kind(self) -> str:
@@ -501,7 +501,7 @@ class Spec:
         r = self.router
         if r.kind == "site" and any(not e.routable_per_site for e in experts):
             raise fail("router.scope", r.scope, "per-site routers gate LoRA experts only",
-                        "use a block scope such as 'model.layers.*' for parallel adapters and prompts")
+                       "use a block scope such as 'model.layers.*' for parallel adapters and prompts")
         if r.select == "topk" and r.kind == "site":
             for e in experts:
                 if r.top_k > e.expert_count:
