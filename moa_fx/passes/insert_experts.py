@@ -5,7 +5,8 @@ Matches: the :class:`~moa_fx.sites.Placement` s of the site plan. Emits: what ea
 registered as an :class:`ExpertSlot` at its anchor (a projection output, a span output, an
 attention output); the combine is inserted by ``insert_routers``. Records: one PassRecord per
 placement. Kinds insert in registration order (lora, parallel_adapter, prompt), each over its
-placements in graph order: the order the expert slots, and so the routers' columns, are in.
+placements in graph order: the order of the expert slots, which decides the routers' column order
+where experts share an anchor (down_proj's LoRA before the adapter of the MLP that ends there).
 """
 
 from __future__ import annotations

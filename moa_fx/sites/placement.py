@@ -72,13 +72,14 @@ def _layer_ok(rule: ExpertSpec, spec: Spec, path: str) -> bool:
 class SitePool:
     """Where a kind's sites come from (an expert kind names its pool by key, ``site_pool``).
 
-    ``sites(gm, rule, linears)`` gives (path, site) pairs in graph order, the site None where the
-    path matched but holds no site of this pool; ``unfit(gm, path, linears)`` then says why.
+    ``sites(gm, rule, linears)`` gives (path, site) pairs in graph order; for a pool of modules, the
+    site is None where a matched module holds no site of this pool, and ``unfit(gm, path, linears)``
+    says why.
     """
 
     noun: str  # what the pool's sites are called in messages
     sites: Callable[[fx.GraphModule, ExpertSpec, list[LinearSite]], list[tuple[str, Any]]]
-    unfit: Callable[[fx.GraphModule, str, list[LinearSite]], str]
+    unfit: Callable[[fx.GraphModule, str, list[LinearSite]], str] | None = None
     projections: bool = False  # its sites are the graph's projections (the no-match hints look among those)
 
 
@@ -105,8 +106,7 @@ def _no_attention(gm: fx.GraphModule, path: str, linears: list[LinearSite]) -> s
 
 
 SITE_POOLS: dict[str, SitePool] = {
-    "linear": SitePool("linear projection", _projection_sites, lambda gm, path, linears: "is no projection",
-                       projections=True),
+    "linear": SitePool("linear projection", _projection_sites, projections=True),
     "span": SitePool("module", _module_sites(lambda gm, path, linears: span_site(gm, path)), _no_span),
     "attention": SitePool("module", _module_sites(attention_site), _no_attention),
 }
