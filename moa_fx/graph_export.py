@@ -12,7 +12,7 @@ order. Nodes that a pass created count their ordinals separately and carry the p
 (``route[insert_routers]``), so inserting experts never renumbers the nodes of the original model::
 
     model.layers.0.self_attn.q_proj::aten.linear#0
-    model.layers.0.self_attn.q_proj::moa.model.layers.0.self_attn.q_proj.lora.0[insert_lora_experts]#0
+    model.layers.0.self_attn.q_proj::moa.model.layers.0.self_attn.q_proj.lora.0[insert_experts]#0
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def peft_tensors_to_moa(moa: "MoAModel", tensors: dict[str, torch.Tensor]) -> di
 def seed_experts_from_peft(moa: "MoAModel", directory: str | pathlib.Path) -> dict[str, int]:
     """Copy a PEFT LoRA's A and B into every LoRA expert of ``moa`` at the same projection with the same
     rank (a mixture starting from one fine-tuned LoRA). Returns {site: experts seeded}."""
-    from .modules import LoraDelta
+    from .kinds.lora import LoraDelta
 
     _, tensors = read_peft_lora(directory)
     by_site: dict[str, dict[str, torch.Tensor]] = {}
@@ -199,7 +199,7 @@ def read_trainer_checkpoint(directory: pathlib.Path) -> dict[str, torch.Tensor]:
 
 def merge_lora(moa: "MoAModel") -> nn.Module:
     """Add every LoRA expert's ``s·B·A`` into its projection's weight (router-less specs only)."""
-    from .modules import LoraDelta
+    from .kinds.lora import LoraDelta
 
     if moa.spec.router.kind != "none":
         raise MoaFxError("a routed mixture of adapters cannot be merged into the base weights: the expert weights "

@@ -19,7 +19,7 @@ import moa_fx.runtime
 from moa_fx import transform
 from moa_fx.capture import capture
 from moa_fx.errors import SiteMatchError
-from moa_fx.presets import PRESETS
+from moa_fx.spec.presets import PRESETS
 from moa_fx.runtime import MoAModel
 from tiny import TINY, randomize_adapters, tiny_config, tokens
 

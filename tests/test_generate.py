@@ -14,7 +14,7 @@ import torch
 
 from moa_fx import transform
 from moa_fx.errors import InputError
-from moa_fx.presets import PRESETS
+from moa_fx.spec.presets import PRESETS
 from tiny import TinyMLP, randomize_adapters, tiny_model, tokens
 
 ALL_PRESETS = sorted(PRESETS)

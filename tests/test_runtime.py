@@ -148,7 +148,7 @@ def test_site_errors_list_near_matches(llama):
 
 
 def test_precedence_example_from_the_docstring(llama):
-    # sites.py: an exact path beats a glob
+    # moa_fx.sites: an exact path beats a glob
     spec = {"expert": [{"kind": "lora", "at": ["*.q_proj"], "r": 8, "name": "all"},
                        {"kind": "lora", "at": ["model.layers.0.self_attn.q_proj"], "r": 16, "name": "first"}]}
     moa = transform(llama, spec)

@@ -15,7 +15,7 @@ import torch
 
 from moa_fx.capture import capture
 from moa_fx.errors import SiteMatchError, SpecError
-from moa_fx.presets import get
+from moa_fx.spec.presets import get
 from moa_fx.sites import ROLES, find_sites, match_rank
 from moa_fx.spec import load_spec
 from test_families import build  # the tiny config of each family, eager where it must be

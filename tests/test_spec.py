@@ -7,10 +7,9 @@ import pathlib
 
 import pytest
 
-from moa_fx import presets
 from moa_fx.errors import SpecError
-from moa_fx.spec import (LoraExpert, RouterSpec, Spec, load_spec, spec_from_dict, spec_reference, spec_to_dict,
-                         spec_to_toml)
+from moa_fx.spec import (LoraExpert, ParallelAdapterExpert, PromptExpert, RouterSpec, Spec, ThresholdSpec, load_spec,
+                         presets, spec_from_dict, spec_reference, spec_to_dict, spec_to_toml)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,3 +94,39 @@ def test_specs_are_frozen():
     spec = Spec(experts=(LoraExpert(at="*.q_proj"),), router=RouterSpec())
     with pytest.raises(Exception):
         spec.name = "x"  # type: ignore[misc]
+
+
+NON_DEFAULT = Spec(
+    name="everything", description="every table with fields off their defaults", layers=(0, 2),
+    experts=(LoraExpert(at=("*.q_proj",), r=(4, 8), alpha=16, dropout=0.1, exclude=("model.layers.1.*",),
+                        optional=True, name="heads"),
+             ParallelAdapterExpert(around=("*.mlp",), bottleneck=32, activation="gelu", init_gain=0.01, layers=(1,)),
+             PromptExpert(at=("*.self_attn",), length=4, name="p")),
+    router=RouterSpec(scope="model.layers.*", input="raw", form="swiglu", hidden_multiplier=2, bias=False,
+                      gate="sigmoid", select="topk", top_k=3, renormalize=True, aux_loss_coef=0.01,
+                      threshold=ThresholdSpec(learned=True, value=0.3, max=0.4, rule="moa")),
+)
+
+
+@pytest.mark.parametrize("spec", [*(presets.get(n) for n in sorted(presets.PRESETS)), NON_DEFAULT],
+                         ids=[*sorted(presets.PRESETS), "non_default"])
+def test_toml_roundtrip(tmp_path, spec):
+    (tmp_path / "s.toml").write_text(spec_to_toml(spec, comment="a comment\nover two lines"))
+    assert load_spec(str(tmp_path / "s.toml")) == spec
+
+
+def test_toml_leaves_defaults_out():
+    toml = spec_to_toml(Spec(experts=(LoraExpert(), PromptExpert())))
+    assert toml == '[[expert]]\nkind = "lora"\n\n[[expert]]\nkind = "prompt"\n'
+    written = dict(line.split(" = ", 1) for line in spec_to_toml(NON_DEFAULT).splitlines() if " = " in line)
+    assert written["top_k"] == "3" and written["value"] == "0.3"  # off their defaults: written
+    for default in ("share_a = ", "count = ", "optional = false", "exclude = []"):
+        assert default not in spec_to_toml(NON_DEFAULT)
+
+
+def test_allowed_values_come_from_the_literal():
+    with pytest.raises(SpecError, match="expert.parallel_adapter.activation = 'tanh' is not valid; "
+                                        "choose one of 'silu', 'relu', 'gelu'"):
+        ParallelAdapterExpert(activation="tanh")
+    with pytest.raises(SpecError, match="router.threshold.rule = 'x' is not valid; choose one of 'adamole', 'moa'"):
+        ThresholdSpec(rule="x")

@@ -7,7 +7,7 @@ examples:
   moa-fx dump tiny-llama
   moa-fx dump examples/configs/llama3-8b.json --view tree
   moa-fx dump tiny-llama --spec sparse_moa --view table --module 'model.layers.0.*'
-  moa-fx dump tiny-llama --spec adamole --after insert_lora_experts --view json --output g.json
+  moa-fx dump tiny-llama --spec adamole --after insert_experts --view json --output g.json
   moa-fx dump tiny-gpt2 --view table --op linear
   moa-fx dump tiny-llama --view dot --output g.svg     (needs Graphviz's `dot` on PATH)
 """

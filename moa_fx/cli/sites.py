@@ -1,8 +1,8 @@
 """Dry run of a spec: what each rule matches and the parameters the rewrite will add.
 
-Nothing is rewritten: the graph is captured, :func:`moa_fx.sites.find_sites` places the rules, and
-parameter counts come from instantiating the same expert and router modules on the meta device
-(so an 8B config is counted in seconds). Exit status 2 when a required rule matches nothing; the
+Nothing is rewritten: the graph is captured, :func:`moa_fx.sites.find_sites` places the rules, each
+expert kind counts the parameters it adds at a site (``parameter_count``), and routers are counted
+by instantiating them on the meta device (so an 8B config is counted in seconds). Exit status 2 when a required rule matches nothing; the
 message names the nearest module paths.
 
 examples:
@@ -22,9 +22,10 @@ import torch
 
 from ..passes import LOWER_CHOICES
 from ..errors import SiteMatchError
-from ..modules import LoraDelta, ParallelAdapter, PromptDelta, Router, SharedALoraDelta, Threshold
+from ..kinds import kind_of
+from ..modules import Router, Threshold
 from ..sites import find_sites
-from ..spec import LoraExpert, ParallelAdapterExpert, RouterSpec, Spec, load_spec
+from ..spec import RouterSpec, Spec, load_spec
 from .models import MODEL_HELP, build, describe_model
 from .render import compress_paths, render_sites
 
@@ -49,21 +50,7 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def _expert_params(placement) -> int:
-    rule, site = placement.rule, placement.site
-    if isinstance(rule, LoraExpert):
-        total, shared = 0, None
-        for r in rule.ranks:
-            if rule.share_a:
-                m = SharedALoraDelta(shared, site.d_in, site.d_out, r, rule.alpha, device=META)
-                shared = shared or m
-            else:
-                m = LoraDelta(site.d_in, site.d_out, r, rule.alpha, device=META)
-            total += _numel(m)
-        return total
-    if isinstance(rule, ParallelAdapterExpert):
-        return _numel(ParallelAdapter(site.dim, rule.bottleneck, rule.activation, device=META))
-    return _numel(PromptDelta(rule.length, site.hidden, site.q_heads, site.kv_heads, site.head_dim,
-                              site.k_offset, site.v_offset, device=META))
+    return kind_of(placement.rule).parameter_count(placement.rule, placement.site)
 
 
 def _router_params(spec: Spec, plan) -> dict[str, Any]:
@@ -74,7 +61,7 @@ def _router_params(spec: Spec, plan) -> dict[str, Any]:
         if router.kind == "none":
             break
         key = p.site.path if router.kind == "site" else p.block
-        experts[key] = experts.get(key, 0) + (len(p.rule.ranks) if isinstance(p.rule, LoraExpert) else 1)
+        experts[key] = experts.get(key, 0) + p.rule.expert_count
         dims[key] = p.site.d_in if router.kind == "site" else plan.blocks[key].dim
     params = tau = 0
     learned = router.select == "threshold" and router.threshold.learned
@@ -122,9 +109,7 @@ def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None, low
             by_kind[rule.kind] = by_kind.get(rule.kind, 0) + n
             paths = [p.site.path for p in placements]
             entry.update(status="matched", sites=len(paths), matched=compress_paths(paths), paths=paths,
-                         parameters=n)
-            if isinstance(rule, LoraExpert):
-                entry["experts_per_site"] = len(rule.ranks)
+                         parameters=n, experts_per_site=rule.expert_count)
         else:
             message = alone[rule.name][1] or error or "matched nothing after layers/exclude"
             entry.update(status="unmatched (optional)" if rule.optional else "unmatched", sites=0, matched=[],

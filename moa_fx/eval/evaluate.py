@@ -43,12 +43,11 @@ from typing import Any
 
 import torch
 
-from moa_fx import presets
 from moa_fx.data import Batch
 from moa_fx.errors import InputError
 from moa_fx.eval import tasks as T
 from moa_fx.fileio import atomic_write_json
-from moa_fx.spec import LoraExpert, Spec
+from moa_fx.spec import LoraExpert, Spec, presets
 from moa_fx.train import Schedule, StepReport, fit, make_optimizer
 
 __all__ = [
@@ -70,7 +69,7 @@ __all__ = [
 
 METHODS = ("lora", "mole_topk", "adamole", "soft_moa", "sparse_moa")
 
-# What each method's spec changes from its preset (moa_fx/presets.py) so that every method holds a
+# What each method's spec changes from its preset (moa_fx/spec/presets.py) so that every method holds a
 # comparable number of trainable parameters (SmolLM2-135M: LoRA r=16 ≈ 2.9M, soft MoA ≈ 3.1M, Sparse
 # MoA ≈ 2.9M, top-k MoLE ≈ 3.3M, AdaMoLE ≈ 2.2M; the exact counts are measured and reported).
 BUDGET_CHANGES = {

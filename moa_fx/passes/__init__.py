@@ -13,9 +13,7 @@ from ..errors import MoaFxError, PassError
 from .base import PassContext, PassRecord
 from .cleanup import cleanup
 from .fuse_shared_input import fuse_shared_input
-from .insert_lora_experts import insert_lora_experts
-from .insert_parallel_adapters import insert_parallel_adapters
-from .insert_prompt_experts import insert_prompt_experts
+from .insert_experts import insert_experts
 from .insert_routers import insert_routers
 from .lower_sparse_dispatch import lower_sparse_dispatch
 
@@ -24,11 +22,9 @@ __all__ = ["DEFAULT_PIPELINE", "PASSES", "LOWER_CHOICES", "pipeline", "run_pipel
 Pass = Callable[[PassContext], None]
 
 DEFAULT_PIPELINE: tuple[Pass, ...] = (
-    insert_lora_experts,  # needs: a SitePlan; leaves ExpertSlots (Δ nodes) at projection outputs
-    insert_parallel_adapters,  # same, at span outputs (e.g. each MLP)
-    insert_prompt_experts,  # same, at SDPA outputs (before o_proj)
+    insert_experts,  # needs: a SitePlan; leaves ExpertSlots (Δ nodes) at projection, span and attention outputs
     insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
-    lower_sparse_dispatch,  # needs: LoRA-only combines; replaces Δ nodes + combine by one fused op
+    lower_sparse_dispatch,  # needs: the combines; a site's LoRA Δ nodes + combine become one fused op (others stay)
     fuse_shared_input,  # needs: lowered sites, routers, thresholds; one GEMM per input read by several
     cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
 )

@@ -32,7 +32,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..kernels import lora_expand
-from ..modules import LoraDelta, Router, SharedALoraDelta, Threshold
+from ..kinds.lora import LoraDelta, SharedALoraDelta
+from ..modules import Router, Threshold
 from .base import PassContext, PassRecord, new_node
 from .lower_sparse_dispatch import LOWERING_KEY, lowered_lora_site, shared_a_target, site_weights
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import routing
 from ..kernels import choose_form, grouped_lora, lora_mixture
-from ..modules import LoraDelta, SharedALoraDelta
+from ..kinds.lora import LoraDelta, SharedALoraDelta
 from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
 from .base import PassContext, PassRecord, new_node

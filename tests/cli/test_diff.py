@@ -4,7 +4,7 @@ import json
 def test_spec_diff_groups_by_pass_and_site(cli):
     code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--no-fuse")
     assert code == 0
-    assert "+ insert_lora_experts  10 nodes at 10 sites" in out
+    assert "+ insert_experts  12 nodes at 12 sites" in out  # 10 LoRA sites and 2 parallel adapters
     assert "+ model.layers.{0..1}.mlp ×2: 1 nodes (pa)" in out
     assert "summary: +36" in out
 
@@ -12,7 +12,8 @@ def test_spec_diff_groups_by_pass_and_site(cli):
 def test_lowered_diff_shows_the_fused_ops(cli):
     code, out, _ = cli("diff", "tiny-llama", "--spec", "sparse_moa")
     assert code == 0
-    assert "insert_lora_experts" not in out  # the per-expert nodes were replaced by the fused op
+    # the per-expert LoRA nodes were replaced by the fused op: the parallel adapters remain
+    assert "+ insert_experts  2 nodes at 2 sites" in out
     assert "+ lower_sparse_dispatch" in out and "lowered_lora_site" in out
 
 

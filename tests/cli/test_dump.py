@@ -16,7 +16,7 @@ def test_table_after_spec_filters_and_provenance(cli):
     code, out, _ = cli("dump", "tiny-llama", "--spec", "sparse_moa", "--lower", "off", "--no-fuse", "--view", "table",
                        "--module", "model.layers.0.self_attn.q_proj")
     assert code == 0
-    assert "insert_lora_experts" in out and "insert_routers" in out
+    assert "insert_experts" in out and "insert_routers" in out
     assert "model.layers.1" not in out
     code, out, _ = cli("dump", "tiny-gpt2", "--view", "table", "--op", "addmm")
     assert code == 0 and out.strip().endswith("8 nodes")
@@ -32,14 +32,14 @@ def test_json_ids_are_stable_and_inputs_by_id(cli_json):
     made = [n for n in a["nodes"] if n["provenance"]]
     assert made and all({"pass", "site"} <= set(n["provenance"][0]) for n in made)
     # AdaMoLE's routers and thresholds at q, k, v read one input: fuse_shared_input gives them one GEMM
-    assert {n["provenance"][0]["pass"] for n in made} == {"insert_lora_experts", "insert_routers", "fuse_shared_input"}
+    assert {n["provenance"][0]["pass"] for n in made} == {"insert_experts", "insert_routers", "fuse_shared_input"}
 
 
 def test_after_pass_stops_the_pipeline(cli_json):
-    _, data = cli_json("dump", "tiny-llama", "--spec", "adamole", "--after", "insert_lora_experts", "--view", "json")
+    _, data = cli_json("dump", "tiny-llama", "--spec", "adamole", "--after", "insert_experts", "--view", "json")
     passes = {n["provenance"][0]["pass"] for n in data["nodes"] if n["provenance"]}
-    assert passes == {"insert_lora_experts"}
-    assert data["after"] == "insert_lora_experts"
+    assert passes == {"insert_experts"}
+    assert data["after"] == "insert_experts"
 
 
 def test_code_and_dot_views(cli, tmp_path):

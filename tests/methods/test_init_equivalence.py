@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from moa_fx.presets import PRESETS
-from moa_fx.presets import get as preset
+from moa_fx.spec.presets import PRESETS
+from moa_fx.spec.presets import get as preset
 
 from .reference import assert_close, built, single_thread, tokens  # noqa: F401 (autouse fixture)
 

@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import torch
 
-from moa_fx.presets import get as preset
+from moa_fx.spec.presets import get as preset
 
 from .reference import (RTOL, Reference, SiteMethod, assert_matches, built, randomize_adapters, run_reference,
                         single_thread, tokens)  # noqa: F401 (single_thread: autouse fixture)

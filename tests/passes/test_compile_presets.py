@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa_fx import presets, transform
+from moa_fx import transform
+from moa_fx.spec import presets
 from tiny import randomize_adapters, tokens
 
 

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from moa_fx import load_spec, presets, transform
+from moa_fx import load_spec, transform
+from moa_fx.spec import presets
 from moa_fx.passes.fuse_shared_input import FUSION_KEY, expand_lora_site, shared_input_projection
 from moa_fx.passes.lower_sparse_dispatch import lowered_lora_site
 from tiny import randomize_adapters, tiny_model, tokens

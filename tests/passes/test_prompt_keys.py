@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from moa_fx import transform
 from moa_fx.sites import find_sites
-from moa_fx.presets import get as preset
+from moa_fx.spec.presets import get as preset
 from tiny import TINY, tiny_config, tokens
 
 REF = "moa_fx_prompt_reference"

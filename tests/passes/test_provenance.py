@@ -7,7 +7,7 @@ import pytest
 from moa_fx import transform
 from moa_fx.graph import PROVENANCE_KEY
 from moa_fx.passes import DEFAULT_PIPELINE
-from moa_fx.presets import PRESETS
+from moa_fx.spec.presets import PRESETS
 from tiny import tiny_model
 
 

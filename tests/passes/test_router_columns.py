@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moa_fx import transform
-from moa_fx.presets import get as preset
+from moa_fx.spec.presets import get as preset
 from tiny import tiny_model, tokens
 
 # METHODS.md, MoA shared structure: "gate order: Q, K, V, [prompt], O, [up, gate], down, PA"

@@ -7,12 +7,10 @@ applies to LLaMA-style and GPT-2-style module names alike.
 
 from __future__ import annotations
 
-import inspect
+from ..errors import SpecError
+from .types import LoraExpert, ParallelAdapterExpert, PromptExpert, RouterSpec, Spec, ThresholdSpec
 
-from .errors import SpecError
-from .spec import LoraExpert, ParallelAdapterExpert, PromptExpert, RouterSpec, Spec, ThresholdSpec
-
-__all__ = ["PRESETS", "get", "describe"]
+__all__ = ["PRESETS", "get"]
 
 QKVOD = ("@q", "@k", "@v", "@o", "@down")
 
@@ -112,7 +110,3 @@ def get(name: str) -> Spec:
     if name not in PRESETS:
         raise SpecError(f"no preset '{name}'; presets: {', '.join(PRESETS)}")
     return PRESETS[name]()
-
-
-def describe(name: str) -> str:
-    return inspect.cleandoc(PRESETS[name].__doc__ or "")

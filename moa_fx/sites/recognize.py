@@ -1,41 +1,23 @@
-"""Where experts attach: a pure function from (graph, spec) to a list of placements.
+"""Recognising sites in a captured graph: the site kinds and the functions that find them.
 
-Map: site kinds (:class:`LinearSite`, :class:`SpanSite`, :class:`AttentionSite`, :class:`BlockScope`)
-→ :func:`linear_sites` / :func:`span_site` / :func:`attention_site` find them in a graph →
-:func:`find_sites` applies the spec's rules and returns a :class:`SitePlan` (what ``moa-fx sites``
-prints and what the insertion passes read; nothing here mutates the graph).
-
-Patterns. A pattern is a glob over module paths (``*.q_proj``; ``*`` also crosses dots), a regular
-expression when prefixed ``re:`` (``re:model\\.layers\\.[0-3]\\.mlp``), or a *role* prefixed ``@``
-that names a projection the same way on every architecture (``@q``, ``@k``, ``@v``, ``@o``,
-``@gate``, ``@up``, ``@down``, ``@mlp``, ``@attn``); :data:`ROLES` lists the globs behind each.
-
-Precedence. When rules of the same expert kind match one site, the most specific pattern wins:
-an exact path beats a glob or role, which beats a regex; two matches of equal rank are a conflict
-(:class:`~moa_fx.errors.SiteMatchError`). Example::
-
-    rule "all"   at = ["*.q_proj"]                          r = 8
-    rule "first" at = ["model.layers.0.self_attn.q_proj"]   r = 16
-    model.layers.0.self_attn.q_proj → "first" (exact path);  model.layers.1.self_attn.q_proj → "all"
+Map: :class:`LinearSite` (a projection; :func:`linear_sites`), :class:`SpanSite` (a module
+boundary; :func:`span_site`), :class:`AttentionSite` with its :class:`PromptOp` s (an attention op
+and the frozen k/v projections feeding it; :func:`attention_site`, :func:`attention_problem` says
+why a module has none), :class:`BlockScope` (a repeated block's raw and normalised input;
+:func:`block_scope`). Everything is recognised from the ops, not from class names, and nothing
+here mutates the graph.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import fnmatch
-import functools
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .errors import SiteMatchError, SpecError
-from .graph import all_module_paths, layer_index, module_path, module_paths
-from .spec import ExpertSpec, LoraExpert, ParallelAdapterExpert, PromptExpert, Spec, check_pattern
+from ..graph import layer_index, module_path, module_paths
 
 __all__ = [
     "LinearSite",
@@ -43,45 +25,14 @@ __all__ = [
     "AttentionSite",
     "PromptOp",
     "BlockScope",
-    "Placement",
-    "SitePlan",
-    "ROLES",
-    "find_sites",
     "linear_sites",
     "span_site",
     "attention_site",
     "attention_problem",
     "block_scope",
-    "match_rank",
 ]
 
 aten = torch.ops.aten
-
-# Projection roles: the same name on every architecture. Fused projections (GPT-2's c_attn,
-# Phi-3's qkv_proj, NeoX's query_key_value) serve q, k and v at once: a rule naming all three
-# places one expert there. The names behind each role:
-#   LLaMA family: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
-#   GPT-2 / StarCoder: attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj     Phi-3: qkv_proj gate_up_proj
-#   GPT-NeoX, BLOOM, Falcon: query_key_value dense dense_h_to_4h dense_4h_to_h
-#   GPT-J, CodeGen: attn.q_proj attn.out_proj mlp.fc_in mlp.fc_out       OPT, Phi-2: out_proj/dense fc1 fc2
-#   MPT: Wqkv out_proj ffn.up_proj ffn.down_proj   Baichuan: W_pack   InternLM2: wqkv wo w1 w3 w2
-ROLES: dict[str, tuple[str, ...]] = {
-    "q": ("*.q_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
-    "k": ("*.k_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
-    "v": ("*.v_proj", "*.attn.c_attn", "*.qkv_proj", "*.query_key_value", "*.Wqkv", "*.W_pack", "*.wqkv"),
-    "o": ("*.o_proj", "*.attn.c_proj", "*.self_attn.out_proj", "*.attention.dense", "*.self_attention.dense",
-          "*.self_attn.dense", "*.attn.out_proj", "*.attention.wo"),
-    "gate": ("*.gate_proj", "*.gate_up_proj", "*.w1"),
-    "up": ("*.up_proj", "*.gate_up_proj", "*.mlp.c_fc", "*.dense_h_to_4h", "*.fc1", "*.mlp.fc_in", "*.w3"),
-    "down": ("*.down_proj", "*.mlp.c_proj", "*.dense_4h_to_h", "*.fc2", "*.mlp.fc_out", "*.w2"),
-    "mlp": ("*.mlp", "*.feed_forward", "*.block_sparse_moe", "*.ffn"),
-    "attn": ("*.self_attn", "*.attn", "*.attention", "*.self_attention"),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Site kinds
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -167,86 +118,6 @@ class BlockScope:
     layer: int | None
 
     kind = "block"
-
-
-@dataclass(frozen=True)
-class Placement:
-    """One expert rule placed at one site."""
-
-    rule: ExpertSpec
-    site: Any  # LinearSite | SpanSite | AttentionSite
-    pattern: str  # the pattern that matched
-    block: str | None  # the block scope path the site belongs to (block routers), else None
-
-
-@dataclass
-class SitePlan:
-    """What the spec matched: the placements in graph order and the routers' scopes."""
-
-    placements: list[Placement]
-    blocks: dict[str, BlockScope] = field(default_factory=dict)
-    matches: dict[str, list[str]] = field(default_factory=dict)  # rule name -> matched paths
-    notes: dict[str, list[str]] = field(default_factory=dict)  # a choice made for the user -> the paths it concerns
-
-    def by_rule(self, name: str) -> list[Placement]:
-        return [p for p in self.placements if p.rule.name == name]
-
-
-# --------------------------------------------------------------------------------------------------
-# Pattern matching
-# --------------------------------------------------------------------------------------------------
-
-
-def _expand(pattern: str) -> list[tuple[str, int]]:
-    """(glob-or-regex, rank) pairs; rank 3 = exact, 2 = glob/role, 1 = regex."""
-    if pattern.startswith("@"):
-        role = pattern[1:]
-        if role not in ROLES:
-            raise SiteMatchError(f"unknown role '{pattern}'; roles: " + ", ".join("@" + r for r in ROLES))
-        return [(g, 2) for g in ROLES[role]]
-    if pattern.startswith("re:"):
-        return [(pattern, 1)]
-    if any(ch in pattern for ch in "*?["):
-        return [(pattern, 2)]
-    return [(pattern, 3)]
-
-
-@functools.lru_cache(maxsize=1024)
-def _regex(pattern: str) -> re.Pattern:
-    """A ``re:`` pattern compiled after :func:`~moa_fx.spec.check_pattern` found it safe to backtrack on."""
-    return re.compile(check_pattern("pattern", pattern)[3:])
-
-
-def match_rank(pattern: str, path: str) -> int:
-    """0 if ``pattern`` does not match ``path``, else its precedence rank (higher wins)."""
-    best = 0
-    for pat, rank in _expand(pattern):
-        if rank == 1:
-            ok = _regex(pat).fullmatch(path) is not None
-        elif rank == 2:
-            ok = fnmatch.fnmatchcase(path, pat)
-        else:
-            ok = path == pat
-        if ok:
-            best = max(best, rank)
-    return best
-
-
-def _excluded(rule: ExpertSpec, path: str) -> bool:
-    return any(match_rank(p, path) for p in rule.exclude)
-
-
-def _layer_ok(rule: ExpertSpec, spec: Spec, path: str) -> bool:
-    allowed = rule.layers if rule.layers is not None else spec.layers
-    if allowed is None:
-        return True
-    idx = layer_index(path)
-    return idx is not None and idx in allowed
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding sites in a graph
-# --------------------------------------------------------------------------------------------------
 
 
 def _param_name(node: Any) -> str | None:
@@ -651,155 +522,3 @@ def _trace_to_linear(node: Any, by_node: dict[str, LinearSite], head_dim: int) -
             continue
         frontier.append((n.args[0], offset + (delta if how == "offset" else 0)))
     return None, 0, why
-
-
-# --------------------------------------------------------------------------------------------------
-# Applying the spec
-# --------------------------------------------------------------------------------------------------
-
-
-def _candidates(gm: fx.GraphModule, rule: ExpertSpec, linears: list[LinearSite]) -> list[tuple[str, Any]]:
-    """(path, site) pairs of the right kind for this rule, in graph order."""
-    if isinstance(rule, LoraExpert):
-        return [(s.path, s) for s in linears]
-    paths = all_module_paths(gm)
-    out = []
-    for p in paths:
-        if not any(match_rank(pat, p) for pat in rule.patterns):
-            continue
-        if isinstance(rule, ParallelAdapterExpert):
-            out.append((p, span_site(gm, p)))
-        elif isinstance(rule, PromptExpert):
-            out.append((p, attention_site(gm, p, linears)))
-    return out
-
-
-def find_sites(gm: fx.GraphModule, spec: Spec) -> SitePlan:
-    """Match every expert rule of ``spec`` against ``gm``; raise if a required rule matches nothing."""
-    linears = linear_sites(gm)
-    all_paths = all_module_paths(gm)
-    claims: dict[tuple[str, str], list[tuple[int, ExpertSpec, str]]] = {}
-    matched: dict[str, list[str]] = {r.name: [] for r in spec.experts}
-    sites: dict[tuple[str, str], Any] = {}
-    notes: dict[str, list[str]] = {}
-    for rule in spec.experts:
-        hit: set[str] = set()
-        for path, site in _candidates(gm, rule, linears):
-            ranks = [(match_rank(p, path), p) for p in rule.patterns]
-            rank, pat = max(ranks)
-            if rank == 0:
-                continue
-            hit.update(p for r, p in ranks if r)
-            if _excluded(rule, path) or not _layer_ok(rule, spec, path):
-                continue
-            if site is None:
-                if isinstance(rule, ParallelAdapterExpert):
-                    what = "has no single input and output tensor of the same shape"
-                else:
-                    what = "cannot take a prompt expert: " + (attention_problem(gm, path, linears) or "")
-                raise SiteMatchError(f"expert '{rule.name}': module '{path}' matched '{pat}' but {what}; "
-                                     f"point the pattern at another module or add it to exclude")
-            key = (rule.kind, site.node if hasattr(site, "node") else site.output)
-            sites[key] = site
-            claims.setdefault(key, []).append((rank, rule, pat))
-            if getattr(site, "note", ""):
-                notes.setdefault(f"expert '{rule.name}': {site.note}", []).append(path)
-        # every pattern must match: a rule whose '@down' finds nothing while '@q' does would adapt
-        # the model only partly, and silently
-        missing = [p for p in rule.patterns if p not in hit]
-        if missing and not rule.optional:
-            raise _no_match(rule, all_paths, linears, missing, gm)
-    placements = []
-    for key, entries in claims.items():
-        entries.sort(key=lambda e: -e[0])
-        if len(entries) > 1 and entries[0][0] == entries[1][0]:
-            a, b = entries[0], entries[1]
-            raise SiteMatchError(
-                f"experts '{a[1].name}' ('{a[2]}') and '{b[1].name}' ('{b[2]}') both claim "
-                f"{sites[key].path} with equal precedence; make one pattern more specific (an exact path wins "
-                "over a glob) or add the path to one rule's exclude")
-        rank, rule, pat = entries[0]
-        placements.append(Placement(rule=rule, site=sites[key], pattern=pat, block=None))
-        matched[rule.name].append(sites[key].path)
-    for rule in spec.experts:
-        if not matched[rule.name] and not rule.optional:
-            raise SiteMatchError(f"expert '{rule.name}' matched only modules that its layers/exclude settings or a "
-                                 "more specific rule removed; widen 'layers' or set optional = true")
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    placements.sort(key=lambda p: order[getattr(p.site, "node", None) or p.site.output])
-    blocks: dict[str, BlockScope] = {}
-    router = spec.router
-    if router.kind == "block":
-        placed = []
-        for p in placements:
-            bpath = _block_of(router.scope, p.site.path)
-            if bpath is None:
-                raise SiteMatchError(f"router.scope '{router.scope}' matches no block around {p.site.path}; "
-                                     "use a glob such as 'model.layers.*' (or '@blocks' to detect the blocks)")
-            if bpath not in blocks:
-                scope = block_scope(gm, bpath)
-                if scope is None:
-                    raise SiteMatchError(f"block '{bpath}' has no single input tensor to route on; "
-                                         "choose a router.scope whose modules are whole decoder blocks")
-                if router.input == "normed" and scope.normed is None:
-                    # OLMo2 normalises after attention and MLP: no input norm to read
-                    notes.setdefault("router: the block has no normalisation module on its input; the router "
-                                     "reads the raw block input (router.input = 'raw')", []).append(bpath)
-                blocks[bpath] = scope
-            placed.append(dataclasses.replace(p, block=bpath))
-        placements = placed
-        if router.select == "topk":  # the spec alone cannot know how many experts a block holds
-            per_block: dict[str, int] = {}
-            for p in placements:
-                count = len(p.rule.ranks) if isinstance(p.rule, LoraExpert) else 1
-                per_block[p.block] = per_block.get(p.block, 0) + count
-            fewest = min(per_block, key=per_block.get)
-            if router.top_k > per_block[fewest]:
-                raise SpecError(f"router.top_k = {router.top_k} is not valid for this model; block '{fewest}' holds "
-                                f"only {per_block[fewest]} experts, so top_k must be <= {per_block[fewest]}")
-    return SitePlan(placements=placements, blocks=blocks, matches=matched, notes=notes)
-
-
-def _block_of(scope: str, path: str) -> str | None:
-    parts = path.split(".")
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if scope == "@blocks":
-            if parts[i - 1].isdigit():
-                return prefix
-        elif match_rank(scope, prefix):
-            return prefix
-    return None
-
-
-def _no_match(rule: ExpertSpec, all_paths: list[str], linears: list[LinearSite],
-              patterns: list[str], gm: fx.GraphModule) -> SiteMatchError:
-    """The error for ``patterns`` of ``rule`` that matched nothing, with the nearest module paths."""
-    pool = [s.path for s in linears] if isinstance(rule, LoraExpert) else \
-        [p for p in all_paths if p and not any(part.startswith("_") for part in p.split("."))]  # export's hooks
-    # compare the last components first: '*.qproj' should find 'model.layers.0.self_attn.q_proj'
-    tails = sorted({p.rsplit(".", 1)[-1] for p in pool})
-    hints: list[str] = []
-    for pat in patterns:
-        stem = pat.rsplit(".", 1)[-1].strip("*?@")
-        for t in difflib.get_close_matches(stem, tails, n=3, cutoff=0.5):
-            hints.append(f"'*.{t}'")
-    example = next((p for p in pool if hints and p.endswith(hints[0].strip("'*"))), pool[0] if pool else "")
-    near = ", ".join(dict.fromkeys(hints)) or ", ".join(f"'{p}'" for p in difflib.get_close_matches(
-        patterns[0], pool, n=3, cutoff=0.3))
-    kind = "linear projection" if isinstance(rule, LoraExpert) else "module"
-    roles = [p for p in patterns if p.startswith("@")]
-    why = "".join(f"; {r} stands for {', '.join(repr(g) for g in ROLES[r[1:]])} and this model has none of them"
-                  for r in roles if r[1:] in ROLES)
-    if isinstance(rule, LoraExpert):  # Mixtral's experts: one (E, d_out, d_in) weight, no linear op per expert
-        fused = [n for n, p in gm.named_parameters() if p.dim() == 3
-                 and any(match_rank(pat, n) for pat in patterns)]
-        if fused:
-            why += (f"; '{fused[0]}' is a fused 3-D expert weight ({len(fused)} such), not a linear "
-                    "projection LoRA can adapt")
-    others = [p for p in rule.patterns if p not in patterns]
-    partly = f" (its other patterns {others} did: the rule would adapt the model only in part)" if others else ""
-    guess = f"did you mean {near}? (e.g. '{example}'; " if near else f"candidates include '{example}' ("
-    fix = "remove the pattern or set optional = true" if others else "set optional = true to allow no match"
-    return SiteMatchError(f"expert '{rule.name}': pattern {list(patterns)} matched no {kind}{partly}{why}; "
-                          f"{guess}{len(pool)} candidates; {fix})")
