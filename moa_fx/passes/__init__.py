@@ -28,8 +28,8 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     insert_parallel_adapters,  # same, at span outputs (e.g. each MLP)
     insert_prompt_experts,  # same, at SDPA outputs (before o_proj)
     insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
-    lower_sparse_dispatch,  # needs: LoRA-only combines; replaces Δ nodes + combine by one fused op
-    fuse_shared_input,  # needs: lowered sites, routers, thresholds; one GEMM per input read by several
+    lower_sparse_dispatch,  # needs: ctx.combines and slots; its LOWERINGS rows fuse LoRA Δ nodes + combine
+    fuse_shared_input,  # needs: lowered sites, ctx.slots and ctx.routers; one GEMM per input read by several
     cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
 )
 
