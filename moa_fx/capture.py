@@ -23,10 +23,10 @@ from torch import nn
 from torch.export import Dim
 
 from .errors import CaptureError
+from .graph import CACHE_KEY, NUM_OUTPUTS_KEY
 
-__all__ = ["Captured", "CACHE_KEY", "capture", "default_lm_inputs", "is_causal_lm", "cache_layout"]
+__all__ = ["Captured", "capture", "default_lm_inputs", "is_causal_lm", "cache_layout"]
 
-CACHE_KEY = "moa_fx.cache"  # node meta: ("key" | "value", layer) on a cached capture's past inputs and new entries
 
 
 @dataclasses.dataclass
@@ -150,7 +150,7 @@ def _to_captured(model: nn.Module, ep: Any, causal: bool, train: bool, cache: An
     gm.recompile()
     gm.requires_grad_(False)
     input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    gm.meta["moa_fx.num_outputs"] = len(flat_outputs)
+    gm.meta[NUM_OUTPUTS_KEY] = len(flat_outputs)
     try:
         device = next(model.parameters()).device
     except StopIteration:

@@ -42,9 +42,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import CACHE_KEY, Captured, capture
+from .capture import Captured, capture
 from .errors import MoaFxError, PassError
-from .graph import PROVENANCE_KEY, module_paths
+from .graph import CACHE_KEY, EXTRAS_KEY, PROVENANCE_KEY, module_paths
 from .passes import PassContext, pipeline, run_pipeline
 from .sites import find_sites
 from .spec import Spec
@@ -108,7 +108,7 @@ class Derived:
 
     @property
     def extras(self) -> list[tuple[str, str]]:
-        return list(self.gm.meta.get("moa_fx.extras", []))
+        return list(self.gm.meta.get(EXTRAS_KEY, []))
 
     @property
     def num_outputs(self) -> int:

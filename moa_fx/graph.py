@@ -1,9 +1,12 @@
 """Small helpers over captured FX graphs shared by site finding, passes and the CLI.
 
+- The metadata keys moa-fx writes (``*_KEY``): every ``node.meta`` / ``gm.meta`` entry of ours is
+  named here and nowhere else.
 - :func:`module_path`: the module a node was traced in, from ``meta["nn_module_stack"]``.
 - :func:`layer_index`: the block index in a module path (first numeric component).
 - :func:`annotate`: give a node a pass created the anchor's module stack, a fake ``meta["val"]``
-  and a provenance record (``meta[PROVENANCE_KEY]``), so ``dump``/``diff`` can say who made it.
+  and a provenance record (``meta[PROVENANCE_KEY]``), so ``dump``/``diff`` can say who made it;
+  :func:`site_of` reads the site back.
 - :func:`add_submodule`: put a module at a dotted path under the GraphModule, creating parents.
 """
 
@@ -18,6 +21,12 @@ from torch import nn
 
 __all__ = [
     "PROVENANCE_KEY",
+    "LOWERING_KEY",
+    "FUSION_KEY",
+    "CACHE_KEY",
+    "NUM_OUTPUTS_KEY",
+    "EXTRAS_KEY",
+    "site_of",
     "module_path",
     "layer_index",
     "annotate",
@@ -27,7 +36,15 @@ __all__ = [
     "shaped_like",
 ]
 
-PROVENANCE_KEY = "moa_fx.provenance"
+# node.meta keys
+PROVENANCE_KEY = "moa_fx.provenance"  # [{"pass", "site", "role"}]: which passes made the node, for which site
+LOWERING_KEY = "moa_fx.lowering"  # {"form", "reason"} on a fused LoRA site (lower_sparse_dispatch)
+FUSION_KEY = "moa_fx.fusion"  # {"readers", "sizes"} on a shared-input GEMM (fuse_shared_input)
+CACHE_KEY = "moa_fx.cache"  # ("key" | "value", layer) on a cached capture's past inputs and new entries
+# gm.meta keys
+NUM_OUTPUTS_KEY = "moa_fx.num_outputs"  # how many of the graph's outputs are the model's own (capture)
+EXTRAS_KEY = "moa_fx.extras"  # [(kind, node name)]: the router outputs appended after them (cleanup)
+_FAKE_MODE_KEY = "_moa_fx_fake_mode"  # the fake mode of the graph's values, found once (fake_value)
 ADAPTER_ROOT = "moa"
 
 _NUMERIC = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -91,10 +108,10 @@ def _fake_mode(gm: fx.GraphModule):
 
 def fake_value(gm: fx.GraphModule, node: fx.Node) -> Any:
     """Run ``node`` on the fake values of its inputs and return the fake output (or None)."""
-    mode = gm.meta.get("_moa_fx_fake_mode")
+    mode = gm.meta.get(_FAKE_MODE_KEY)
     if mode is None:
         mode = _fake_mode(gm)
-        gm.meta["_moa_fx_fake_mode"] = mode
+        gm.meta[_FAKE_MODE_KEY] = mode
     if mode is None:
         return None
 
@@ -138,6 +155,11 @@ def shaped_like(node: fx.Node, last: int | None = None, shape: tuple | None = No
     if shape is None:
         shape = tuple(val.shape) if last is None else (*val.shape[:-1], last)
     return val.new_empty(shape, dtype=dtype or val.dtype)
+
+
+def site_of(node: fx.Node) -> str:
+    """The site the last pass that made or rebuilt ``node`` recorded (the node's name if no pass did)."""
+    return node.meta.get(PROVENANCE_KEY, [{}])[-1].get("site", node.name)
 
 
 def annotate(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node | None, pass_name: str, site: str,

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from .graph import PROVENANCE_KEY, module_path
+from .graph import LOWERING_KEY, PROVENANCE_KEY, module_path
 
 __all__ = ["FORMAT", "export_graph", "filter_nodes", "diff_graphs", "to_networkx", "to_dot", "op_name"]
 
@@ -115,7 +115,7 @@ def export_graph(gm: fx.GraphModule, **info: Any) -> dict[str, Any]:
             "shape": shape,
             "dtype": dtype,
             "provenance": [dict(p) for p in prov],
-            **({"lowering": dict(node.meta["moa_fx.lowering"])} if "moa_fx.lowering" in node.meta else {}),
+            **({"lowering": dict(node.meta[LOWERING_KEY])} if LOWERING_KEY in node.meta else {}),
         })
     return {"format": FORMAT, **info, "nodes": nodes}
 

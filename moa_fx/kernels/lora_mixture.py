@@ -11,8 +11,11 @@ Map, in the order of STYLE item 9:
    backward is torch matmuls (see ``_lora_mixture_backward``), traced by AOTAutograd.
 4. The pure-torch reference lives in ``reference.py`` and is the CPU path.
 
-Shared with ``grouped_lora.py``: the optional Triton import, backend choice
-(:func:`resolve_backend`) and input checks (:func:`check_inputs`).
+Shared with ``grouped_lora.py`` and ``lora_expand.py``: the optional Triton import, backend choice
+(:func:`resolve_backend`, :func:`runnable_kernel`), dot precision (:func:`dot_precision`,
+:func:`dot_in_fp32`), :func:`next_power_of_2` and :func:`device_guard`; input checks
+(:func:`check_inputs` for grouped_lora, :func:`check_2d_float` for lora_expand); and, with
+lora_expand only, the kernel helper ``_gate_expand_store`` and the backward :func:`expand_backward`.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ Pass = Callable[[PassContext], None]
 DEFAULT_PIPELINE: tuple[Pass, ...] = (
     insert_experts,  # needs: a SitePlan; leaves ExpertSlots (Δ nodes) at projection, span and attention outputs
     insert_routers,  # needs: every ExpertSlot; adds routers, selection and one combine per anchor
-    lower_sparse_dispatch,  # needs: the combines; a site's LoRA Δ nodes + combine become one fused op (others stay)
-    fuse_shared_input,  # needs: lowered sites, routers, thresholds; one GEMM per input read by several
+    lower_sparse_dispatch,  # needs: ctx.combines and slots; its LOWERINGS rows fuse LoRA Δ nodes + combine
+    fuse_shared_input,  # needs: lowered sites, ctx.slots and ctx.routers; one GEMM per input read by several
     cleanup,  # needs: router outputs recorded; exposes them as graph outputs, DCE, lint, recompile
 )
 

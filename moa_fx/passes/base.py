@@ -3,7 +3,7 @@
 A pass is a function ``pass_fn(ctx: PassContext) -> None`` with a ``__doc__`` saying what it
 matches and what it emits. It mutates ``ctx.gm.graph``, appends :class:`PassRecord` entries and
 reads what earlier passes left in ``ctx`` (``slots``: the expert contributions waiting for a
-combine; ``routers``: each router's output nodes).
+combine; ``routers``: each router's nodes; ``combines``: the combine node at each anchor).
 """
 
 from __future__ import annotations
@@ -19,17 +19,30 @@ from ..graph import ADAPTER_ROOT, add_submodule, annotate
 from ..sites import SitePlan
 from ..spec import Spec
 
-__all__ = ["PassContext", "PassRecord", "ExpertSlot", "RouterInfo", "new_node"]
+__all__ = ["PassContext", "PassRecord", "ExpertSlot", "RouterInfo", "new_node", "lora_weight_targets",
+           "weight_columns"]
 
 
 @dataclass
 class PassRecord:
-    """One change a pass made: at which site, which nodes it added, and a short note."""
+    """One change a pass made (or chose not to make): at which site, which nodes it added, what it
+    decided and why as fields that tests and tools read, and a note for people.
+
+    ``outcome`` and ``reason`` are short codes: ``lower_sparse_dispatch`` writes the site's form
+    ("dense", "grouped", "unlowered") and a code of its ``REASONS``; ``fuse_shared_input`` writes
+    "fused" or "kept", the kind of each reader in ``parts`` and, in ``kept``, the readers left apart
+    with a code of its ``REASONS``.
+    """
 
     pass_name: str
     site: str
     added: list[str] = field(default_factory=list)
-    note: str = ""
+    note: str = ""  # for people; what it says is in the fields below
+    outcome: str = ""
+    reason: str = ""
+    experts: int = 0  # how many experts the change concerns (a site's LoRA experts, a router's columns)
+    parts: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # node name -> reason code
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,14 +66,15 @@ class ExpertSlot:
 
 @dataclass
 class RouterInfo:
-    """A router's output nodes and the expert ids in column order."""
+    """A router's nodes and the expert ids in column order."""
 
     key: str
     expert_ids: list[str]
+    logits: str  # node: the router module's call (fuse_shared_input renames it when it rebuilds it)
+    tau: str | None  # node: the learned threshold module's call (None without one; renamed likewise)
     weights: str  # node: (…, E) weights
     stats: str  # node: router_stats vector
     aux: str | None  # node: balance loss scalar (None when the spec has no aux loss)
-    threshold: bool
 
 
 @dataclass
@@ -72,6 +86,7 @@ class PassContext:
     slots: list[ExpertSlot] = field(default_factory=list)
     routers: dict[str, RouterInfo] = field(default_factory=dict)
     extra_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, node name)
+    combines: dict[str, str] = field(default_factory=dict)  # anchor -> its combine node (insert_routers)
     lowering: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> chosen form and reason
 
     # the adapter modules every graph derived from one model shares: install() reuses a module
@@ -122,6 +137,30 @@ def new_node(ctx: PassContext, op: str, target: Any, args: tuple, *, anchor: fx.
     else:
         node = graph.call_function(target, args, kwargs)
     return annotate(ctx.gm, node, anchor, pass_name, site, role, val)
+
+
+def lora_weight_targets(ctx: PassContext, slot: ExpertSlot) -> tuple[str, str]:
+    """The ``get_attr`` targets of a LoRA slot's A and B. A HydraLoRA head reads the shared A from
+    the head that owns it (the slot at the same site whose module is that owner)."""
+    module = ctx.gm.get_submodule(slot.module)
+    b = f"{slot.module}.lora_B"
+    if "lora_A" in module._parameters:
+        return f"{slot.module}.lora_A", b
+    owner = module._shared[0]
+    for s in ctx.slots:
+        if s.site == slot.site and ctx.gm.get_submodule(s.module) is owner:
+            return f"{s.module}.lora_A", b
+    raise KeyError(f"the shared LoRA A of {slot.module} has no owner among the slots at {slot.site}")
+
+
+def weight_columns(ctx: PassContext, slots: list[ExpertSlot]) -> tuple[str | None, list[int]]:
+    """The weights node of the router gating ``slots`` (one router key) and each slot's column in it,
+    looked up by expert id; ``(None, [0, 1, …])`` when no router gates them."""
+    key = slots[0].router_key
+    if not key:
+        return None, list(range(len(slots)))
+    info = ctx.routers[key]
+    return info.weights, [info.expert_ids.index(s.expert_id) for s in slots]
 
 
 def router_key(ctx: PassContext, placement) -> str:

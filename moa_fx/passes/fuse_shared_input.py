@@ -1,10 +1,11 @@
 """Fuse the skinny GEMMs that read one tensor into one GEMM followed by splits.
 
 Matches: every node x read by two or more *readers*, each a small projection of x:
-- a dense lowered LoRA site (``lowered_lora_site``, form "dense"): its ``x·A_catᵀ``;
-- an unlowered LoRA expert without input dropout (``LoraDelta`` / HydraLoRA head): its ``x·Aᵀ``;
-- a router (``Router``): ``W x`` (linear) or ``W₁x`` and ``W₃x`` (SwiGLU);
-- a learned threshold (``Threshold``): ``W_t x``.
+- a dense lowered LoRA site (a ``lowered_lora_site`` node, form "dense"): its ``x·A_catᵀ``;
+- an unlowered LoRA expert without input dropout (a LoRA slot of ``ctx.slots`` whose Δ node is
+  still in the graph): its ``x·Aᵀ``;
+- a router (``ctx.routers``' logits node): ``W x`` (linear) or ``W₁x`` and ``W₃x`` (SwiGLU);
+- a learned threshold (``ctx.routers``' τ node): ``W_t x``.
 In a LLaMA block with ``sparse_moa``, q, k and v's LoRA experts and the block router all read the
 attention norm's output: four GEMMs become one. With ``adamole`` the q, k and v
 routers and thresholds (six GEMMs) become one; its experts keep their own dropped inputs.
@@ -18,71 +19,36 @@ rank-space ``z`` is rounded to bf16 before gating (the unfused mixture kernel ke
 Kept apart (recorded with the reason): the grouped LoRA form (it computes A only at active pairs),
 experts with input dropout (each reads its own dropped copy of x), a threshold under MoA's rule (it
 gets no gradient, so its ``.grad`` must stay None, not become zeros), and weights whose dtype
-differs from x's. Records: one PassRecord per fused group.
+differs from x's. Records: one PassRecord per input with a fused group or a reader kept apart
+(``outcome`` "fused" or "kept"; ``parts``: each fused reader's kind, one of "lowered_lora", "lora",
+"router", "threshold"; ``experts``: the LoRA experts whose A joined the GEMM; ``kept``: node ->
+code of :data:`REASONS`). The functions the rewritten graph calls are in :mod:`moa_fx.ops`.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from ..kernels import lora_expand
-from ..kinds.lora import LoraDelta, SharedALoraDelta
-from ..modules import Router, Threshold
-from .base import PassContext, PassRecord, new_node
-from .lower_sparse_dispatch import LOWERING_KEY, lowered_lora_site, shared_a_target, site_weights
+from .. import ops
+from ..graph import FUSION_KEY, LOWERING_KEY, site_of
+from .base import ExpertSlot, PassContext, PassRecord, RouterInfo, lora_weight_targets, new_node
 
-__all__ = ["fuse_shared_input", "shared_input_projection", "expand_lora_site", "FUSION_KEY"]
+__all__ = ["fuse_shared_input", "REASONS"]
 
 PASS = "fuse_shared_input"
-FUSION_KEY = "moa_fx.fusion"
 
-
-# --- the functions the rewritten graph calls ------------------------------------------------------
-
-
-def shared_input_projection(x: torch.Tensor, weights: list[torch.Tensor], sizes: list[int]) -> tuple:
-    """``split(x · cat(weights)ᵀ, sizes)``: every reader's projection of x from one GEMM."""
-    return tuple(torch.split(F.linear(x, torch.cat(weights, dim=0)), sizes, dim=-1))
-
-
-def expand_lora_site(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None, b_list: list[torch.Tensor],
-                     ranks: list[int], scales: list[float], cols: list[int]) -> torch.Tensor:
-    """``y + Σ_e w[…, col_e]·s_e·B_e z_e`` for the site's rank-space ``z = x·A_catᵀ`` (the second half
-    of :func:`~moa_fx.passes.lower_sparse_dispatch.lowered_lora_site`)."""
-    dtype = y.dtype
-    y2 = y.reshape(-1, y.shape[-1])
-    z2 = z.reshape(-1, z.shape[-1])
-    weights = site_weights(w, cols, z2, len(ranks))
-    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
-    return lora_expand(y2, z2, b_cat, weights.to(dtype), ranks, scales).reshape(y.shape)
-
-
-def lora_from_projection(z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """An unlowered LoRA expert's ``s·B z`` for its ``z = x·Aᵀ``."""
-    return F.linear(z, b) * scale
-
-
-def router_from_projection(z: torch.Tensor, bias: torch.Tensor | None, w2: torch.Tensor | None = None,
-                           b1: torch.Tensor | None = None, b3: torch.Tensor | None = None,
-                           b2: torch.Tensor | None = None) -> torch.Tensor:
-    """Router logits from ``z``: linear ``z + b``, or SwiGLU ``W₂(silu(z₁ + b₁) ⊙ (z₃ + b₃)) + b₂``
-    with ``z = [W₁x | W₃x]``."""
-    # biases in z's dtype, as nn.Linear under autocast adds them (bf16 z, fp32 bias -> bf16)
-    if w2 is None:
-        return z if bias is None else z + bias.to(z.dtype)
-    z1, z3 = z.chunk(2, dim=-1)
-    return F.linear(F.silu(z1 + b1.to(z.dtype)) * (z3 + b3.to(z.dtype)), w2, b2)
-
-
-def threshold_from_projection(z: torch.Tensor, bias: torch.Tensor, tau_max: float) -> torch.Tensor:
-    """``τ = τ_max·sigmoid(z + b)`` for ``z = W_t x``."""
-    return tau_max * torch.sigmoid(z + bias.to(z.dtype))
+REASONS = {  # reason code -> its words in the records' notes
+    "grouped_form": "grouped LoRA form computes A only at active pairs",
+    "dropout": "LoRA expert with input dropout reads its own dropped copy of x",
+    "moa_threshold": "threshold under MoA's rule gets no gradient; fused, its weights would get zeros",
+    "dtype": "weight dtype differs from x's {dtype}",
+    "no_dtype": "x has no recorded dtype",
+}
 
 
 # --- readers: what each kind of node projects, and how it is rebuilt on its piece ----------------
@@ -91,97 +57,127 @@ def threshold_from_projection(z: torch.Tensor, bias: torch.Tensor, tau_max: floa
 @dataclass
 class Reader:
     node: fx.Node
+    x: fx.Node  # the input it projects
     weights: list[str]  # parameter targets stacked by rows, in this order
     width: int  # columns of x·cat(weights)ᵀ this reader takes
     rebuild: Callable[[PassContext, fx.Node, fx.Node], fx.Node]  # (ctx, old node, piece) -> new node
-    what: str
+    kind: str  # lowered_lora | lora | router | threshold
+    what: str  # for the note
+    experts: int = 0  # LoRA experts whose A it reads
+
+
+@dataclass
+class Kept:
+    node: fx.Node
+    x: fx.Node
+    code: str  # a key of REASONS
 
 
 def _param(ctx: PassContext, target: str, anchor: fx.Node, site: str) -> fx.Node:
     return new_node(ctx, "get_attr", target, (), anchor=anchor, pass_name=PASS, site=site, role="weight")
 
 
-def _site(node: fx.Node) -> str:
-    return node.meta.get("moa_fx.provenance", [{}])[-1].get("site", node.name)
+def _lowered_sites(ctx: PassContext, names: dict[str, fx.Node]) -> Iterator[Reader | Kept]:
+    for node in names.values():
+        if node.op != "call_function" or node.target is not ops.lowered_lora_site:
+            continue
+        _, x, _, a_nodes, _, ranks, _, _, form = node.args
+        if form != "dense":
+            yield Kept(node, x, "grouped_form")
+            continue
+
+        def rebuild(ctx, old, piece):
+            y, _, w, _, b_nodes, ranks, scales, cols, _ = old.args  # read now: earlier rewrites may have moved them
+            new = new_node(ctx, "call_function", ops.expand_lora_site, (y, piece, w, b_nodes, ranks, scales, cols),
+                           anchor=y, pass_name=PASS, site=site_of(old), role="fused dense LoRA expand",
+                           val=old.meta.get("val"))
+            new.meta[LOWERING_KEY] = old.meta.get(LOWERING_KEY)
+            return new
+
+        yield Reader(node, x, [a.target for a in a_nodes], sum(ranks), rebuild, "lowered_lora",
+                     f"LoRA A x{len(ranks)}", len(ranks))
 
 
-def _lowered_site(ctx: PassContext, node: fx.Node) -> Reader | str | None:
-    if node.op != "call_function" or node.target is not lowered_lora_site:
-        return None
-    _, _, _, a_nodes, _, ranks, _, _, form = node.args
-    if form != "dense":
-        return "grouped LoRA form computes A only at active pairs"
+def _lora_experts(ctx: PassContext, names: dict[str, fx.Node]) -> Iterator[Reader | Kept]:
+    for slot in ctx.slots:
+        node = names.get(slot.delta)
+        if slot.kind != "lora" or node is None or node.op != "call_module" or node.target != slot.module:
+            continue  # not LoRA, or lowered into a fused site
+        yield _lora_expert(ctx, slot, node)
+
+
+def _lora_expert(ctx: PassContext, slot: ExpertSlot, node: fx.Node) -> Reader | Kept:
+    module = ctx.gm.get_submodule(slot.module)
+    x = node.args[0]
+    if not isinstance(module.dropout, torch.nn.Identity):
+        return Kept(node, x, "dropout")
+    a_target, b_target = lora_weight_targets(ctx, slot)
 
     def rebuild(ctx, old, piece):
-        y, _, w, _, b_nodes, ranks, scales, cols, _ = old.args  # read now: earlier rewrites may have moved them
-        new = new_node(ctx, "call_function", expand_lora_site, (y, piece, w, b_nodes, ranks, scales, cols),
-                       anchor=y, pass_name=PASS, site=_site(old), role="fused dense LoRA expand",
-                       val=old.meta.get("val"))
-        new.meta[LOWERING_KEY] = old.meta.get(LOWERING_KEY)
-        return new
+        b = _param(ctx, b_target, old, site_of(old))
+        return new_node(ctx, "call_function", ops.lora_from_projection, (piece, b, float(module.scale)), anchor=old,
+                        pass_name=PASS, site=site_of(old), role="LoRA expert (fused A)", val=old.meta.get("val"))
 
-    return Reader(node, [a.target for a in a_nodes], sum(ranks), rebuild, f"LoRA A x{len(ranks)}")
+    return Reader(node, x, [a_target], module.r, rebuild, "lora", "LoRA A", 1)
 
 
-def _module_reader(ctx: PassContext, node: fx.Node) -> Reader | str | None:
-    if node.op != "call_module":
-        return None
+def _routers(ctx: PassContext, names: dict[str, fx.Node]) -> Iterator[Reader | Kept]:
+    for info in ctx.routers.values():
+        yield _router(ctx, info, names[info.logits])
+        if info.tau is not None:
+            yield _threshold(ctx, info, names[info.tau])
+
+
+def _router(ctx: PassContext, info: RouterInfo, node: fx.Node) -> Reader:
     module = ctx.gm.get_submodule(node.target)
     t = node.target
-    if isinstance(module, (LoraDelta, SharedALoraDelta)):
-        if not isinstance(module.dropout, torch.nn.Identity):
-            return "LoRA expert with input dropout reads its own dropped copy of x"
-        a_target = f"{t}.lora_A" if "lora_A" in module._parameters else shared_a_target(ctx, module)
+
+    def rebuilt(new: fx.Node) -> fx.Node:
+        info.logits = new.name
+        return new
+
+    if module.form == "linear":
+        has_bias = module.proj.bias is not None
 
         def rebuild(ctx, old, piece):
-            b = _param(ctx, f"{t}.lora_B", old, _site(old))
-            return new_node(ctx, "call_function", lora_from_projection, (piece, b, float(module.scale)), anchor=old,
-                            pass_name=PASS, site=_site(old), role="LoRA expert (fused A)", val=old.meta.get("val"))
+            bias = _param(ctx, f"{t}.proj.bias", old, site_of(old)) if has_bias else None
+            return rebuilt(new_node(ctx, "call_function", ops.router_from_projection, (piece, bias), anchor=old,
+                                    pass_name=PASS, site=site_of(old), role="router logits (fused)",
+                                    val=old.meta.get("val")))
 
-        return Reader(node, [a_target], module.r, rebuild, "LoRA A")
-    if isinstance(module, Router):
-        if module.form == "linear":
-            has_bias = module.proj.bias is not None
+        return Reader(node, node.args[0], [f"{t}.proj.weight"], module.proj.out_features, rebuild, "router", "router")
 
-            def rebuild(ctx, old, piece):
-                bias = _param(ctx, f"{t}.proj.bias", old, _site(old)) if has_bias else None
-                return new_node(ctx, "call_function", router_from_projection, (piece, bias), anchor=old,
-                                pass_name=PASS, site=_site(old), role="router logits (fused)", val=old.meta.get("val"))
+    def rebuild(ctx, old, piece):
+        names = ("w2.weight", "w1.bias", "w3.bias", "w2.bias")
+        args = [_param(ctx, f"{t}.{name}", old, site_of(old)) for name in names]
+        return rebuilt(new_node(ctx, "call_function", ops.router_from_projection, (piece, None, *args), anchor=old,
+                                pass_name=PASS, site=site_of(old), role="SwiGLU router logits (fused)",
+                                val=old.meta.get("val")))
 
-            return Reader(node, [f"{t}.proj.weight"], module.proj.out_features, rebuild, "router")
-
-        def rebuild(ctx, old, piece):
-            names = ("w2.weight", "w1.bias", "w3.bias", "w2.bias")
-            args = [_param(ctx, f"{t}.{name}", old, _site(old)) for name in names]
-            return new_node(ctx, "call_function", router_from_projection, (piece, None, *args), anchor=old,
-                            pass_name=PASS, site=_site(old), role="SwiGLU router logits (fused)",
-                            val=old.meta.get("val"))
-
-        return Reader(node, [f"{t}.w1.weight", f"{t}.w3.weight"], 2 * module.w1.out_features, rebuild, "router")
-    if isinstance(module, Threshold):
-        if ctx.spec.router.threshold.rule != "adamole":
-            # MoA's rule: τ only selects, so W_t and b_t get no gradient (.grad stays None and AdamW
-            # skips them). Inside a shared GEMM they would get zero gradients instead, which
-            # AdamW's weight decay acts on: a different training run. So τ keeps its own GEMM.
-            return "threshold under MoA's rule gets no gradient; fused, its weights would get zeros"
-
-        def rebuild(ctx, old, piece):
-            bias = _param(ctx, f"{t}.proj.bias", old, _site(old))
-            return new_node(ctx, "call_function", threshold_from_projection, (piece, bias, float(module.tau_max)),
-                            anchor=old, pass_name=PASS, site=_site(old), role="threshold (fused)",
-                            val=old.meta.get("val"))
-
-        return Reader(node, [f"{t}.proj.weight"], 1, rebuild, "threshold")
-    return None
+    return Reader(node, node.args[0], [f"{t}.w1.weight", f"{t}.w3.weight"], 2 * module.w1.out_features, rebuild,
+                  "router", "router")
 
 
-READERS = (_lowered_site, _module_reader)  # each: node -> Reader, a reason it cannot fuse, or None
+def _threshold(ctx: PassContext, info: RouterInfo, node: fx.Node) -> Reader | Kept:
+    module = ctx.gm.get_submodule(node.target)
+    t = node.target
+    if ctx.spec.router.threshold.rule != "adamole":
+        # MoA's rule: τ only selects, so W_t and b_t get no gradient (.grad stays None and AdamW
+        # skips them). Inside a shared GEMM they would get zero gradients instead, which
+        # AdamW's weight decay acts on: a different training run. So τ keeps its own GEMM.
+        return Kept(node, node.args[0], "moa_threshold")
+
+    def rebuild(ctx, old, piece):
+        bias = _param(ctx, f"{t}.proj.bias", old, site_of(old))
+        new = new_node(ctx, "call_function", ops.threshold_from_projection, (piece, bias, float(module.tau_max)),
+                       anchor=old, pass_name=PASS, site=site_of(old), role="threshold (fused)", val=old.meta.get("val"))
+        info.tau = new.name
+        return new
+
+    return Reader(node, node.args[0], [f"{t}.proj.weight"], 1, rebuild, "threshold", "threshold")
 
 
-def _input_of(node: fx.Node) -> fx.Node | None:
-    if node.op == "call_function" and node.target is lowered_lora_site:
-        return node.args[1]
-    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+READERS = (_lowered_sites, _lora_experts, _routers)  # each: (ctx, nodes by name) -> Readers and Kept
 
 
 # --- the pass --------------------------------------------------------------------------------------
@@ -189,38 +185,32 @@ def _input_of(node: fx.Node) -> fx.Node | None:
 
 def fuse_shared_input(ctx: PassContext) -> None:
     """Give every tensor read by two or more small projections one GEMM and a split."""
-    graph = ctx.gm.graph
+    names = {n.name: n for n in ctx.gm.graph.nodes}
+    order = {n: i for i, n in enumerate(names.values())}
+    found = sorted((f for source in READERS for f in source(ctx, names)), key=lambda f: order[f.node])
     groups: dict[fx.Node, list[Reader]] = {}
-    kept: dict[fx.Node, list[str]] = {}
-    for node in list(graph.nodes):
-        for match in READERS:
-            found = match(ctx, node)
-            if found is None:
-                continue
-            x = _input_of(node)
-            if isinstance(found, str):
-                kept.setdefault(x, []).append(f"{node.name}: {found}")
-            else:
-                groups.setdefault(x, []).append(found)
-            break
+    kept: dict[fx.Node, list[Kept]] = {}
+    for f in found:
+        (groups if isinstance(f, Reader) else kept).setdefault(f.x, []).append(f)
     for x in dict.fromkeys([*groups, *kept]):
         readers = groups.get(x, [])
         dtype = getattr(x.meta.get("val"), "dtype", None)
         odd = [r for r in readers if dtype is None or any(ctx.gm.get_parameter(t).dtype != dtype for t in r.weights)]
         readers = [r for r in readers if r not in odd]
-        notes = [f"{r.node.name}: weight dtype differs from x's {dtype}" if dtype is not None else
-                 f"{r.node.name}: x has no recorded dtype" for r in odd] + kept.get(x, [])
-        site = _site(readers[0].node) if readers else x.name
+        left = {r.node.name: "dtype" if dtype is not None else "no_dtype" for r in odd}
+        left.update((k.node.name, k.code) for k in kept.get(x, []))
+        notes = [f"{name}: {REASONS[code].format(dtype=dtype)}" for name, code in left.items()]
+        site = site_of(readers[0].node) if readers else x.name
         if len(readers) < 2:
-            if notes:
-                ctx.records.append(PassRecord(PASS, site, [], "kept: " + "; ".join(notes)))
+            if left:
+                ctx.records.append(PassRecord(PASS, site, [], "kept: " + "; ".join(notes), outcome="kept", kept=left))
             continue
-        _fuse(ctx, x, readers, notes)
+        _fuse(ctx, x, readers, notes, left)
 
 
-def _fuse(ctx: PassContext, x: fx.Node, readers: list[Reader], notes: list[str]) -> None:
+def _fuse(ctx: PassContext, x: fx.Node, readers: list[Reader], notes: list[str], left: dict[str, str]) -> None:
     graph = ctx.gm.graph
-    site = _site(readers[0].node)
+    site = site_of(readers[0].node)
     sizes = [r.width for r in readers]
     added = []
     anchor = x.next
@@ -228,8 +218,8 @@ def _fuse(ctx: PassContext, x: fx.Node, readers: list[Reader], notes: list[str])
         anchor = anchor.next
     with graph.inserting_before(anchor):
         weights = [_param(ctx, t, x, site) for r in readers for t in r.weights]
-        fused = new_node(ctx, "call_function", shared_input_projection, (x, weights, sizes), anchor=readers[0].node,
-                         pass_name=PASS, site=site, role="shared-input GEMM",
+        fused = new_node(ctx, "call_function", ops.shared_input_projection, (x, weights, sizes),
+                         anchor=readers[0].node, pass_name=PASS, site=site, role="shared-input GEMM",
                          val=tuple(_shaped(x, n) for n in sizes))
         pieces = [new_node(ctx, "call_function", operator.getitem, (fused, i), anchor=readers[0].node, pass_name=PASS,
                            site=site, role=f"piece for {r.what}", val=_shaped(x, r.width))
@@ -247,7 +237,8 @@ def _fuse(ctx: PassContext, x: fx.Node, readers: list[Reader], notes: list[str])
             + ", ".join(r.what for r in readers) + ")")
     if notes:
         note += "; kept: " + "; ".join(notes)
-    ctx.records.append(PassRecord(PASS, site, added, note))
+    ctx.records.append(PassRecord(PASS, site, added, note, outcome="fused", experts=sum(r.experts for r in readers),
+                                  parts=[r.kind for r in readers], kept=left))
 
 
 def _shaped(x: fx.Node, last: int):

@@ -7,8 +7,10 @@ threshold is learned, ``w, sel, q, g = route(logits, τ, …)`` (``call_function
 ``stats = router_stats(g, sel, τ)`` and, with an aux coefficient, ``aux = balance_loss(sel, q)``.
 Per anchor: ``y' = mix(y, w, [Δ…], [columns…])`` (``mix_heads`` for attention outputs), and every
 later use of y reads y'. Columns are looked up by expert id, never by position in a list; their order
-(:func:`column_order`) is METHODS.md's gate order, [up, gate] included.
-Records: one PassRecord per router and one per anchor.
+(:func:`column_order`) is METHODS.md's gate order, [up, gate] included. The called functions are in
+:mod:`moa_fx.ops`. Left in the context: each router's nodes (``ctx.routers``) and each anchor's
+combine node (``ctx.combines``).
+Records: one PassRecord per router and one per anchor (``experts``: the columns / the experts added).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import operator
 
 import torch
 
-from .. import routing
+from .. import ops
 from ..graph import shaped_like
 from ..modules import Router, Threshold
 from ..sites import match_rank
-from .base import PassContext, PassRecord, RouterInfo, new_node
+from .base import PassContext, PassRecord, RouterInfo, new_node, weight_columns
 
 __all__ = ["insert_routers"]
 
@@ -91,19 +93,19 @@ def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
             tau_max = spec.threshold.max if spec.threshold.max is not None else 1.0 / num
             tau = make("call_module", ctx.install(f"{key}.threshold", lambda: Threshold(
                 dim, tau_max, device=device, dtype=dtype)), (h,), "threshold", shaped_like(h, 1))
-        routed = make("call_function", routing.route,
+        routed = make("call_function", ops.route,
                       (logits, tau, spec.gate, spec.select, spec.top_k, float(spec.threshold.value),
                        spec.threshold.rule, spec.renormalizes), "selection", None)
         w, sel, q, g = (make("call_function", operator.getitem, (routed, i), name, None)
                         for i, name in enumerate(("weights", "selected", "balance q", "gates")))
-        stats = make("call_function", routing.router_stats, (g, sel, tau), "router stats",
+        stats = make("call_function", ops.router_stats, (g, sel, tau), "router stats",
                      shaped_like(logits, shape=(2 * num + 1,), dtype=torch.float32))
-        aux = make("call_function", routing.balance_loss, (sel, q), "balance loss",
+        aux = make("call_function", ops.balance_loss, (sel, q), "balance loss",
                    shaped_like(logits, shape=(), dtype=torch.float32)) if spec.aux_loss_coef > 0 else None
     ctx.records.append(PassRecord(PASS, key, added, f"{spec.form} router over {num} experts, {spec.gate} gate, "
-                                                    f"{spec.select} selection"))
-    info = RouterInfo(key=key, expert_ids=ids, weights=w.name, stats=stats.name,
-                      aux=aux.name if aux is not None else None, threshold=learned)
+                                                    f"{spec.select} selection", experts=num))
+    info = RouterInfo(key=key, expert_ids=ids, logits=logits.name, tau=tau.name if tau is not None else None,
+                      weights=w.name, stats=stats.name, aux=aux.name if aux is not None else None)
     ctx.extra_outputs.append(("stats", stats.name))
     if aux is not None:
         ctx.extra_outputs.append(("aux", aux.name))
@@ -125,18 +127,14 @@ def insert_routers(ctx: PassContext) -> None:
     for anchor_name, slots in by_anchor.items():
         y = ctx.node(anchor_name)
         deltas = [ctx.node(s.delta) for s in slots]
-        key = slots[0].router_key
-        if key:
-            info = ctx.routers[key]
-            w = ctx.node(info.weights)
-            cols = [info.expert_ids.index(s.expert_id) for s in slots]
-        else:
-            w, cols = None, list(range(len(slots)))
-        fn = routing.mix_heads if slots[0].layout == "heads" else routing.mix
+        weights, cols = weight_columns(ctx, slots)
+        w = ctx.node(weights) if weights else None
+        fn = ops.mix_heads if slots[0].layout == "heads" else ops.mix
         last = max(deltas, key=order.__getitem__)
         with ctx.gm.graph.inserting_after(last):
             mixed = new_node(ctx, "call_function", fn, (y, w, deltas, cols), anchor=y, pass_name=PASS,
                              site=slots[0].site, role="combine", val=shaped_like(y))
         y.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+        ctx.combines[anchor_name] = mixed.name
         ctx.records.append(PassRecord(PASS, slots[0].site, [mixed.name],
-                                      "combine " + ", ".join(s.expert_id for s in slots)))
+                                      "combine " + ", ".join(s.expert_id for s in slots), experts=len(slots)))

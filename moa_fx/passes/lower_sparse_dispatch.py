@@ -1,14 +1,22 @@
-"""Lower each LoRA site's experts × weights × combine subgraph to one fused op.
+"""Lower each LoRA site's experts × weights × combine subgraph to one fused op, by a table of rows.
 
-Matches: a ``mix`` combine node (left by ``insert_routers``) whose every Δ input is a LoRA expert
-node (``LoraDelta`` / HydraLoRA head) reading the same input x, with no input dropout (per-expert
-dropout needs one dropped copy of x per expert, which the fused ops do not take).
-Emits: ``y' = lowered_lora_site(y, x, w, [A…], [B…], ranks, scales, cols, form)`` reading the
-expert parameters through ``get_attr`` nodes, which calls ``moa_fx::lora_mixture`` (dense-masked)
-or ``moa_fx::grouped_lora`` (active pairs only) — Triton on CUDA, the torch reference elsewhere —
-and erases the Δ nodes and the combine. The chosen form and the reason are stored on the node
-(``meta["moa_fx.lowering"]``) and in ``ctx.lowering`` for the CLI.
-Records: one PassRecord per site, lowered or kept (with why).
+Matches: every combine ``insert_routers`` left (``ctx.combines``), seen through the
+:class:`~moa_fx.passes.base.ExpertSlot` s it adds (``ctx.slots``) and the router columns that
+weight them (``ctx.routers``). :data:`LOWERINGS` is the table: one :class:`Lowering` row per
+fused op, tried in order on each combine whose function is the row's ``combine``. A row ``takes``
+some of the combine's experts (the others stay in a plain combine after the fused node),
+``requires`` checks on them (each returns a code of :data:`REASONS` when it fails) and ``emit`` s
+the fused node. The first row whose checks hold rewrites the combine; when none does, the site is
+kept with the last row's reason (rows go from the most specialised to the most general).
+
+Today's one row, ``lora_mixture``: the LoRA experts of a ``mix``, reading one input x, with no input
+dropout (per-expert dropout needs one dropped copy of x per expert, which the fused ops do not
+take). Emits: ``y' = lowered_lora_site(y, x, w, [A…], [B…], ranks, scales, cols, form)`` reading
+the expert parameters through ``get_attr`` nodes, which calls ``moa_fx::lora_mixture``
+(dense-masked) or ``moa_fx::grouped_lora`` (active pairs only) — Triton on CUDA, the torch
+reference elsewhere — and erases the lowered Δ nodes and the combine. The chosen form and the
+reason are stored on the node (``meta[LOWERING_KEY]``) and in ``ctx.lowering`` for the CLI.
+Records: one PassRecord per site, lowered or kept (``outcome``: the form; ``reason``: a code).
 
 The form comes from :func:`moa_fx.kernels.choose_form` at a nominal token count and the expected
 activation rate of the router's selection (dense 1, top-k k/E, threshold 1/2), unless the caller
@@ -17,45 +25,116 @@ forces ``"dense"`` or ``"grouped"``.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-from .. import routing
-from ..kernels import choose_form, grouped_lora, lora_mixture
-from ..kinds.lora import LoraDelta, SharedALoraDelta
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..graph import LOWERING_KEY
+from ..kernels import choose_form
 from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
-from .base import PassContext, PassRecord, new_node
+from .base import ExpertSlot, PassContext, PassRecord, lora_weight_targets, new_node, weight_columns
 
-__all__ = ["lower_sparse_dispatch", "lowered_lora_site", "site_weights", "shared_a_target", "plan_lowering", "decide",
-           "NOMINAL_TOKENS", "LOWERING_KEY"]
+__all__ = ["lower_sparse_dispatch", "plan_lowering", "decide", "Lowering", "Match", "Emitted", "LOWERINGS",
+           "REASONS", "NOMINAL_TOKENS"]
 
 PASS = "lower_sparse_dispatch"
-LOWERING_KEY = "moa_fx.lowering"
 NOMINAL_TOKENS = 8192  # a training batch of 4 × 2048 tokens: the shape PERF.md measures
 
-
-def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, a_list: list[torch.Tensor],
-                      b_list: list[torch.Tensor], ranks: list[int], scales: list[float], cols: list[int],
-                      form: str) -> torch.Tensor:
-    """``y + Σ_e w[…, col_e]·s_e·B_e(A_e x)`` through one fused op over the flattened tokens."""
-    out_shape = y.shape
-    dtype = y.dtype
-    y2 = y.reshape(-1, y.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    weights = site_weights(w, cols, x2, len(ranks))
-    a_cat = torch.cat([a.to(dtype) for a in a_list], dim=0)
-    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
-    op = grouped_lora if form == "grouped" else lora_mixture
-    return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
+REASONS = {  # reason code -> its words in ctx.lowering and the records' notes
+    "no_lora": "no LoRA experts",
+    "inputs_differ": "experts read different inputs",
+    "dropout": "per-expert input dropout (set dropout = 0 to lower)",
+    "cost_model": "cost model",
+    "forced": "forced",
+}
 
 
-def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, num: int) -> torch.Tensor:
-    """The (T, E) weights of a site's experts: the router columns ``cols`` of ``w``, or ones
-    (no router) shaped by ``like``'s T rows."""
-    if w is None:
-        return like.new_ones(like.shape[0], num)
-    w2 = w.reshape(-1, w.shape[-1])
-    return w2 if cols == list(range(w2.shape[-1])) else w2[:, cols]
+@dataclass
+class Match:
+    """The experts of one combine that a row takes, and what a fused node needs around them."""
+
+    combine: fx.Node
+    site: str
+    y: fx.Node  # the anchor: the value the experts are added to
+    w: fx.Node | None  # the router weights (None: no router)
+    slots: list[ExpertSlot]  # the experts the row takes, in the combine's order
+    cols: list[int]  # their columns in w
+    rest: list[ExpertSlot]  # the combine's other experts
+    rest_cols: list[int]
+
+
+@dataclass
+class Emitted:
+    """What a row's ``emit`` inserted: the node that replaces the taken experts' share of the combine."""
+
+    node: fx.Node
+    form: str
+    code: str  # a key of REASONS
+    reason: str
+    added: list[str]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """One row of :data:`LOWERINGS`: which combine it rewrites, which experts it takes, when it
+    applies, and what it emits (``emit(ctx, match, form)`` runs at the combine's place in the graph)."""
+
+    name: str
+    combine: Callable  # the ops function of the combine nodes it matches
+    takes: Callable[[ExpertSlot], bool]
+    requires: tuple[Callable[[PassContext, Match], str | None], ...]
+    emit: Callable[[PassContext, Match, str], Emitted]
+
+
+# --- the lora_mixture row ----------------------------------------------------------------------------
+
+
+def _is_lora(slot: ExpertSlot) -> bool:
+    return slot.kind == "lora"
+
+
+def _has_experts(ctx: PassContext, m: Match) -> str | None:
+    return None if m.slots else "no_lora"
+
+
+def _one_input(ctx: PassContext, m: Match) -> str | None:
+    return None if len({s.input for s in m.slots}) == 1 else "inputs_differ"
+
+
+def _no_dropout(ctx: PassContext, m: Match) -> str | None:
+    dropped = any(not isinstance(ctx.gm.get_submodule(s.module).dropout, torch.nn.Identity) for s in m.slots)
+    return "dropout" if dropped else None
+
+
+def _emit_lora_mixture(ctx: PassContext, m: Match, form: str) -> Emitted:
+    modules = [ctx.gm.get_submodule(s.module) for s in m.slots]
+    ranks = [mod.r for mod in modules]
+    scales = [float(mod.scale) for mod in modules]
+    targets = [lora_weight_targets(ctx, s) for s in m.slots]
+    a0, b0 = (ctx.gm.get_parameter(t) for t in targets[0])
+    val = m.y.meta.get("val")
+    dtype = val.dtype if val is not None else torch.float32
+    device = val.device if val is not None else torch.device("cpu")
+    chosen, code, reason = decide(ctx.spec, ranks, dtype, device, a0.shape[1], b0.shape[0], form)
+    params = [new_node(ctx, "get_attr", t, (), anchor=m.y, pass_name=PASS, site=m.site, role="expert weight")
+              for pair in targets for t in pair]
+    x = ctx.node(m.slots[0].input)
+    node = new_node(ctx, "call_function", ops.lowered_lora_site,
+                    (m.y, x, m.w, params[0::2], params[1::2], ranks, scales, list(m.cols), chosen), anchor=m.y,
+                    pass_name=PASS, site=m.site, role=f"fused {chosen} LoRA mixture", val=val)
+    return Emitted(node, chosen, code, reason, [p.name for p in params] + [node.name])
+
+
+LOWERINGS: tuple[Lowering, ...] = (
+    Lowering("lora_mixture", ops.mix, _is_lora, (_has_experts, _one_input, _no_dropout), _emit_lora_mixture),
+)
+
+
+# --- the form -----------------------------------------------------------------------------------------
 
 
 def _expected_rate(spec: Spec, num_experts: int) -> float:
@@ -67,18 +146,18 @@ def _expected_rate(spec: Spec, num_experts: int) -> float:
     return 0.5
 
 
-def decide(spec: Spec, ranks: list[int], dropout: float, dtype: torch.dtype, device: torch.device, d_in: int,
-           d_out: int, form: str = "auto") -> tuple[str, str]:
-    """(form, reason) for one LoRA site: "dense", "grouped", or "unlowered" with why."""
-    if dropout > 0:
-        return "unlowered", "per-expert input dropout (set dropout = 0 to lower)"
+def decide(spec: Spec, ranks: list[int], dtype: torch.dtype, device: torch.device, d_in: int, d_out: int,
+           form: str = "auto") -> tuple[str, str, str]:
+    """(form, reason code, reason) for one lowerable LoRA site: "dense" or "grouped", chosen by the
+    cost model (``form="auto"``) or forced."""
     rate = _expected_rate(spec, len(ranks))
-    chosen = form
+    chosen, code = form, "forced"
     if form == "auto":
         chosen = choose_form(ranks, NOMINAL_TOKENS, rate, dtype, device, d_in=d_in, d_out=d_out)
-    reason = (f"{'forced' if form != 'auto' else 'cost model'}: E={len(ranks)}, ranks={list(ranks)}, expected "
-              f"activation {rate:.2f} at {NOMINAL_TOKENS} tokens, {str(dtype).replace('torch.', '')}, {device.type}")
-    return chosen, reason
+        code = "cost_model"
+    reason = (f"{REASONS[code]}: E={len(ranks)}, ranks={list(ranks)}, expected activation {rate:.2f} at "
+              f"{NOMINAL_TOKENS} tokens, {str(dtype).replace('torch.', '')}, {device.type}")
+    return chosen, code, reason
 
 
 def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[str, dict[str, str]]:
@@ -88,83 +167,73 @@ def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[st
     for p in plan.placements:
         if not isinstance(p.rule, LoraExpert):
             continue
+        if p.rule.dropout > 0:
+            out[p.site.path] = {"form": "unlowered", "reason": REASONS["dropout"]}
+            continue
         weight = gm.get_parameter(p.site.weight)
-        chosen, reason = decide(spec, list(p.rule.ranks), p.rule.dropout, weight.dtype, weight.device,
-                                p.site.d_in, p.site.d_out, form)
+        chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
+                                   p.site.d_out, form)
         out[p.site.path] = {"form": chosen, "reason": reason}
     return out
 
 
+# --- the driver ---------------------------------------------------------------------------------------
+
+
 def lower_sparse_dispatch(ctx: PassContext, form: str = "auto") -> None:
-    """Replace every lowerable LoRA combine with one fused-op node (``form``: auto, dense, grouped)."""
+    """Rewrite every combine a row of :data:`LOWERINGS` applies to (``form``: auto, dense, grouped)."""
+    by_anchor: dict[str, list[ExpertSlot]] = {}
+    for slot in ctx.slots:
+        by_anchor.setdefault(slot.anchor, []).append(slot)
+    order = {n.name: i for i, n in enumerate(ctx.gm.graph.nodes)}
+    for anchor, name in sorted(ctx.combines.items(), key=lambda item: order[item[1]]):
+        combine = ctx.node(name)
+        rows = [row for row in LOWERINGS if row.combine is combine.target]
+        why, taken = None, 0
+        for row in rows:
+            match = _match(ctx, combine, by_anchor[anchor], row.takes)
+            why = next((code for check in row.requires if (code := check(ctx, match)) is not None), None)
+            if why is None:
+                _rewrite(ctx, match, row, form)
+                break
+            taken = len(match.slots)
+        if why is not None:
+            site = by_anchor[anchor][0].site
+            ctx.lowering[site] = {"form": "unlowered", "reason": REASONS[why]}
+            ctx.records.append(PassRecord(PASS, site, [], f"kept: {REASONS[why]}", outcome="unlowered", reason=why,
+                                          experts=taken))
+
+
+def _match(ctx: PassContext, combine: fx.Node, slots: list[ExpertSlot], takes: Callable[[ExpertSlot], bool]) -> Match:
+    weights, cols = weight_columns(ctx, slots)
+    taken = [(s, c) for s, c in zip(slots, cols) if takes(s)]
+    rest = [(s, c) for s, c in zip(slots, cols) if not takes(s)]
+    return Match(combine=combine, site=slots[0].site, y=ctx.node(slots[0].anchor),
+                 w=ctx.node(weights) if weights else None, slots=[s for s, _ in taken], cols=[c for _, c in taken],
+                 rest=[s for s, _ in rest], rest_cols=[c for _, c in rest])
+
+
+def _rewrite(ctx: PassContext, m: Match, row: Lowering, form: str) -> None:
     graph = ctx.gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not routing.mix:
-            continue
-        y, w, all_deltas, all_cols = node.args
-        site = node.meta.get("moa_fx.provenance", [{}])[-1].get("site", node.name)
-        # the LoRA experts are lowered; other experts at the same anchor (a parallel adapter whose
-        # span ends at down_proj) stay in a plain combine after the fused op
-        lora = [(d, c) for d, c in zip(all_deltas, all_cols) if d.op == "call_module"
-                and isinstance(ctx.gm.get_submodule(d.target), (LoraDelta, SharedALoraDelta))]
-        rest = [(d, c) for d, c in zip(all_deltas, all_cols) if (d, c) not in lora]
-        deltas, cols = [d for d, _ in lora], [c for _, c in lora]
-        modules = [ctx.gm.get_submodule(d.target) for d in deltas]
-        why = None
-        if not deltas:
-            why = "no LoRA experts"
-        elif len({d.args[0] for d in deltas}) != 1:
-            why = "experts read different inputs"
-        elif any(not isinstance(m.dropout, torch.nn.Identity) for m in modules):
-            why = "per-expert input dropout (set dropout = 0 to lower)"
-        if why:
-            ctx.lowering[site] = {"form": "unlowered", "reason": why}
-            ctx.records.append(PassRecord(PASS, site, [], f"kept: {why}"))
-            continue
-        x = deltas[0].args[0]
-        ranks = [m.r for m in modules]
-        scales = [float(m.scale) for m in modules]
-        val = y.meta.get("val")
-        dtype = val.dtype if val is not None else torch.float32
-        device = val.device if val is not None else torch.device("cpu")
-        chosen, reason = decide(ctx.spec, ranks, 0.0, dtype, device, modules[0].lora_A.shape[1],
-                                modules[0].lora_B.shape[0], form)
-        added = []
-        with graph.inserting_before(node):
-            params = []
-            for d, m in zip(deltas, modules):
-                a_name = "lora_A" if "lora_A" in m._parameters else None
-                a_target = f"{d.target}.{a_name}" if a_name else shared_a_target(ctx, m)
-                for target in (a_target, f"{d.target}.lora_B"):
-                    p = new_node(ctx, "get_attr", target, (), anchor=y, pass_name=PASS, site=site, role="expert weight")
-                    params.append(p)
-                    added.append(p.name)
-            a_nodes, b_nodes = params[0::2], params[1::2]
-            lowered = new_node(ctx, "call_function", lowered_lora_site,
-                               (y, x, w, a_nodes, b_nodes, ranks, scales, list(cols), chosen), anchor=y,
-                               pass_name=PASS, site=site, role=f"fused {chosen} LoRA mixture", val=y.meta.get("val"))
-        lowered.meta[LOWERING_KEY] = {"form": chosen, "reason": reason}
-        added.append(lowered.name)
-        result = lowered
-        if rest:
-            with graph.inserting_after(lowered):
-                result = new_node(ctx, "call_function", routing.mix,
-                                  (lowered, w, [d for d, _ in rest], [c for _, c in rest]), anchor=y,
-                                  pass_name=PASS, site=site, role="combine (other experts)", val=y.meta.get("val"))
-            added.append(result.name)
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-        for d in deltas:
-            if not d.users:
-                graph.erase_node(d)
-        ctx.lowering[site] = {"form": chosen, "reason": reason}
-        ctx.records.append(PassRecord(PASS, site, added, f"{chosen}: {reason}"))
-
-
-def shared_a_target(ctx: PassContext, module: SharedALoraDelta) -> str:
-    """The ``get_attr`` target of a HydraLoRA head's shared A (owned by the site's first head)."""
-    owner = module._shared[0]
-    for name, m in ctx.gm.named_modules():
-        if m is owner:
-            return f"{name}.lora_A"
-    raise KeyError("shared LoRA A owner is not installed in the graph module")
+    deltas = [ctx.node(s.delta) for s in m.slots]
+    with graph.inserting_before(m.combine):
+        out = row.emit(ctx, m, form)
+    out.node.meta[LOWERING_KEY] = {"form": out.form, "reason": out.reason}
+    added, result = list(out.added), out.node
+    if m.rest:
+        # experts the row does not take (a parallel adapter whose span ends at down_proj) stay in a
+        # plain combine after the fused node
+        with graph.inserting_after(out.node):
+            result = new_node(ctx, "call_function", ops.mix, (out.node, m.w, [ctx.node(s.delta) for s in m.rest],
+                                                               m.rest_cols),
+                              anchor=m.y, pass_name=PASS, site=m.site, role="combine (other experts)",
+                              val=m.y.meta.get("val"))
+        added.append(result.name)
+    m.combine.replace_all_uses_with(result)
+    graph.erase_node(m.combine)
+    for d in deltas:
+        if not d.users:
+            graph.erase_node(d)
+    ctx.lowering[m.site] = {"form": out.form, "reason": out.reason}
+    ctx.records.append(PassRecord(PASS, m.site, added, f"{out.form}: {out.reason}", outcome=out.form, reason=out.code,
+                                  experts=len(m.slots)))

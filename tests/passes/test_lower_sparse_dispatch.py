@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moa_fx import load_spec, transform
-from moa_fx.passes.fuse_shared_input import expand_lora_site
-from moa_fx.passes.lower_sparse_dispatch import LOWERING_KEY, lowered_lora_site
+from moa_fx.graph import LOWERING_KEY
+from moa_fx.ops import expand_lora_site, lowered_lora_site
 from tiny import randomize_adapters, tiny_model, tokens
 
 # presets with LoRA mixtures (the others have nothing to lower)
@@ -68,6 +68,9 @@ def test_dropout_sites_are_kept_with_a_reason(llama):
     moa = transform(llama, "adamole")  # dropout 0.05 per expert
     reasons = {v["reason"] for v in moa.lowering.values()}
     assert reasons == {"per-expert input dropout (set dropout = 0 to lower)"}
+    records = [r for r in moa.records if r.pass_name == "lower_sparse_dispatch"]
+    assert len(records) == len(moa.lowering)
+    assert all(r.outcome == "unlowered" and r.reason == "dropout" and r.experts > 0 and not r.added for r in records)
     assert not [n for n in moa.graph_module.graph.nodes if n.target is lowered_lora_site]
 
 
@@ -75,3 +78,6 @@ def test_auto_records_the_cost_model_choice(llama):
     moa = transform(llama, _no_dropout("mole_topk"), lower="auto")
     for info in moa.lowering.values():
         assert info["form"] in ("dense", "grouped") and info["reason"].startswith("cost model: E=8")
+    records = [r for r in moa.records if r.pass_name == "lower_sparse_dispatch"]
+    assert {r.site: r.outcome for r in records} == {site: info["form"] for site, info in moa.lowering.items()}
+    assert all(r.reason == "cost_model" and r.experts == 8 for r in records)
