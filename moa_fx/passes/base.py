@@ -70,8 +70,8 @@ class RouterInfo:
 
     key: str
     expert_ids: list[str]
-    logits: str  # node: the router module's call (fuse_shared_input renames it when it rebuilds it)
-    tau: str | None  # node: the learned threshold module's call (None without one; renamed likewise)
+    logits: str  # node: the router logits (fuse_shared_input points it at the node it rebuilds them as)
+    tau: str | None  # node: the learned threshold τ (None without one; fuse_shared_input likewise)
     weights: str  # node: (…, E) weights
     stats: str  # node: router_stats vector
     aux: str | None  # node: balance loss scalar (None when the spec has no aux loss)

@@ -81,3 +81,36 @@ def test_auto_records_the_cost_model_choice(llama):
     records = [r for r in moa.records if r.pass_name == "lower_sparse_dispatch"]
     assert {r.site: r.outcome for r in records} == {site: info["form"] for site, info in moa.lowering.items()}
     assert all(r.reason == "cost_model" and r.experts == 8 for r in records)
+
+
+def test_a_row_added_to_the_table_lowers_what_it_takes(llama, monkeypatch):
+    """Adding a lowering is one row: here one that takes LoRA experts with input dropout (which the
+    lora_mixture row leaves) and re-emits their plain combine, ahead of the existing rows."""
+    import importlib
+
+    from moa_fx import ops
+    from moa_fx.passes.base import new_node
+
+    lsd = importlib.import_module("moa_fx.passes.lower_sparse_dispatch")  # the package exports the pass by this name
+
+    def emit(ctx, m, form):
+        deltas = [ctx.node(s.delta) for s in m.slots]
+        node = new_node(ctx, "call_function", ops.mix, (m.y, m.w, deltas, m.cols), anchor=m.y, pass_name=lsd.PASS,
+                        site=m.site, role="combine (test row)", val=m.y.meta.get("val"))
+        return lsd.Emitted(node, "replayed", "forced", "test row", [node.name])
+
+    def dropped(ctx, m):
+        return None if lsd._no_dropout(ctx, m) == "dropout" else "no_lora"
+
+    row = lsd.Lowering("replay_dropout_lora", ops.mix, lsd._is_lora, (lsd._has_experts, dropped), emit)
+    monkeypatch.setattr(lsd, "LOWERINGS", (row, *lsd.LOWERINGS))
+    ref = transform(llama, "adamole", lower="off")  # dropout 0.05 per expert: lora_mixture keeps every site
+    randomize_adapters(ref, std=0.1)
+    moa = transform(llama, "adamole")
+    moa.adapters.load_state_dict(ref.adapters.state_dict())
+    assert moa.lowering and {v["form"] for v in moa.lowering.values()} == {"replayed"}
+    assert {r.outcome for r in moa.records if r.pass_name == "lower_sparse_dispatch"} == {"replayed"}
+    ref.eval()
+    moa.eval()
+    ids = tokens(2, 7)
+    torch.testing.assert_close(moa(input_ids=ids).logits, ref(input_ids=ids).logits)
