@@ -14,8 +14,9 @@ One job: file formats. Three are read, one is written:
 
 :func:`pretrained_spec` and :func:`load_pretrained` are ``MoAModel.from_pretrained``'s two steps
 (the spec a directory needs, then its tensors), :func:`load_named_base` its one-argument form.
-Every loader checks the tensors against the model (names, shapes, finite values) and refuses a
-damaged or foreign file by name; weights are read with safetensors only, never a pickle.
+Loading checks the tensors against the model (names, shapes, finite values) and refuses a damaged
+or foreign file by name (seeding copies only the pairs whose shapes match); weights are read with
+safetensors only, never a pickle.
 What PEFT's LoRA means in moa-fx terms lives in :mod:`moa_fx.peft_lora`; atomic writes and hashes
 in :mod:`moa_fx.fileio`.
 """
@@ -299,7 +300,8 @@ def seed_from_peft(moa: "MoAModel", directory: str | os.PathLike) -> dict[str, i
 # --------------------------------------------------------------------------------------------------
 
 
-def pretrained_spec(model: nn.Module, directory: str | os.PathLike, spec: Spec | str | dict | None) -> Any:
+def pretrained_spec(model: nn.Module, directory: str | os.PathLike,
+                    spec: Spec | str | dict | None) -> Spec | str | dict:
     """The spec to transform ``model`` with before :func:`load_pretrained` reads ``directory``: the saved
     spec of a moa-fx directory, the one a PEFT LoRA config describes, or ``spec`` for a Trainer
     checkpoint (which holds none)."""

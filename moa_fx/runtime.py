@@ -1,6 +1,6 @@
 """The transformed model: :func:`transform` builds a :class:`MoAModel` from a model and a spec.
 
-A ``MoAModel`` *owns state* and *derives graphs* (see :mod:`moa_fx.derive`):
+One job: the model's state and its calls. A ``MoAModel`` *owns state* and *derives graphs* (see :mod:`moa_fx.derive`):
 
 - state: the frozen base model (``.model``, shared with the caller, not copied), the spec, and the
   adapter modules (``.moa``: experts, routers, thresholds, the only trainable parameters and the
@@ -14,6 +14,12 @@ It is called like the base model (``input_ids``, ``attention_mask``, ``position_
 inputs for plain modules), returns the base model's output type (with ``loss`` when labels are
 given, ``aux_loss``, and the cache when one is used), generates with transformers' own
 ``generate``, moves with ``.to()``, and checkpoints activations with the HF method names.
+
+Where the rest lives: the graphs themselves in :mod:`moa_fx.derive`; a call's argument checks in
+:mod:`moa_fx.inputs`; the KV cache's way in and out of the cached graph in :mod:`moa_fx.kv_cache`;
+the files adapters are saved in and loaded from (``save_pretrained``, ``from_pretrained``, thin
+methods here) in :mod:`moa_fx.adapter_files`; PEFT's LoRA (names, config, merging) in
+:mod:`moa_fx.peft_lora`.
 
 Parameter names: every adapter parameter lives under ``moa.<site path>.<expert>.<i>``, e.g.
 ``moa.model.layers.0.self_attn.q_proj.lora.0.lora_A`` (site path, expert rule name, expert
@@ -37,11 +43,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from . import adapter_files
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
                      has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
-from . import adapter_files
 from .errors import InputError, MoaFxError
 from .graph import ADAPTER_ROOT
+from .inputs import learned_positions, lm_inputs, plain_inputs
+from .kv_cache import cached_mask_positions, past_keys_values, store
 from .peft_lora import MoAPeftConfig, is_plain_lora, merge_lora
 from .spec import Spec, load_spec
 
@@ -65,11 +73,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 # the dtypes a transformed model runs in (float64 too under lower="off")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# padding-free batches (TRL's collator) carry flash-attention varlen hints that sdpa/eager attention ignore
-_VARLEN_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-# forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
-_LM_ARGS = ("inputs_embeds", "position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
-            "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
 
 
 class Backbone:
@@ -156,7 +159,7 @@ class MoAModel(nn.Module):
         self._merged = False  # after merge_and_unload()
         self.warnings_issued: dict = {}  # the Trainer and TRL record one-time warnings here, as on a PreTrainedModel
         self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
-        self._max_positions = _learned_positions(model, cap.config)
+        self._max_positions = learned_positions(model, cap.config)
         self._last: Derived = first
         self._stats: list[torch.Tensor] = []
         self.aux_loss: torch.Tensor | None = None
@@ -410,11 +413,12 @@ class MoAModel(nn.Module):
             return self.model(*args, labels=labels, **kwargs) if labels is not None else self.model(*args, **kwargs)
         if not self._causal:
             derived = self.derived()
-            flat = self._plain_inputs(derived, args, kwargs)
+            flat = plain_inputs(derived, args, kwargs)
             outputs = derived.gm(*flat)
             user = self._take_extras(derived, outputs)
             return pytree.tree_unflatten(user, derived.captured.out_spec)
-        call = self._lm_inputs(args, kwargs)
+        call = lm_inputs(args, kwargs, config=self.config, input_embeddings=self.get_input_embeddings,
+                         max_positions=self._max_positions, model_class=self.model_class)
         ids, mask, embeds = call["input_ids"], call["attention_mask"], call["inputs_embeds"]
         if backbone and labels is not None:
             raise InputError("the backbone (model.base_model) returns hidden states; it takes no labels")
@@ -436,14 +440,16 @@ class MoAModel(nn.Module):
         if cached:
             derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1 and not backbone,
                                    backbone=backbone)
-            past, cache = self._past(call["cache"], ids, derived)
-            mask, pos = self._cached_mask_positions(ids, mask, call["position_ids"], past)
+            device, dtype = self._device_dtype()
+            past, cache = past_keys_values(call["cache"], derived.captured.cache, ids.shape[0], device, dtype,
+                                           self._cache_tag)
+            mask, pos = cached_mask_positions(ids, mask, call["position_ids"], past)
             outputs = derived.gm(ids, mask, pos, *past[0], *past[1])
             user = self._take_extras(derived, outputs)
             n = len(past[0])
             logits = user[0]
             if call["cache"] is not None or call["use_cache"] is not False and call["use_cache"] is not None:
-                cache = self._store(cache, user[1:1 + n], user[1 + n:1 + 2 * n])
+                cache = store(cache, user[1:1 + n], user[1 + n:1 + 2 * n], self._cache_tag)
             else:
                 cache = None
         else:
@@ -496,157 +502,6 @@ class MoAModel(nn.Module):
         self.aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
         self._last = derived
         return user
-
-    def _lm_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        names = ("input_ids", "attention_mask")
-        if len(args) > 2:
-            raise InputError("pass at most input_ids and attention_mask positionally")
-        for name, value in zip(names, args):
-            if name in kwargs:
-                raise InputError(f"{name} was given both positionally and by keyword")
-            kwargs[name] = value
-        varlen = sorted(k for k in _VARLEN_ARGS if k in kwargs)
-        if varlen:
-            impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-            if "flash" in str(impl):
-                raise InputError(f"{varlen} are flash-attention varlen inputs; a transformed model runs "
-                                 f"{impl} attention only as the base model captured it (sdpa or eager)")
-            for k in varlen:  # the base model's sdpa/eager attention ignores them too
-                kwargs.pop(k)
-        unknown = sorted(set(kwargs) - set(names) - set(_LM_ARGS))
-        if unknown:
-            raise InputError(f"unsupported input(s) {unknown}; a transformed causal LM takes input_ids, "
-                             f"attention_mask, labels and {', '.join(_LM_ARGS)}")
-        if kwargs.get("output_attentions"):
-            raise InputError("output_attentions=True is not supported by a transformed model (its attention runs "
-                             "fused, as SDPA); run the base model for attention weights")
-        if kwargs.get("past_key_values") is not None and kwargs.get("cache") is not None:
-            raise InputError("past_key_values and cache were both given; they are one argument (transformers 5 "
-                             "calls it cache)")
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        if embeds is not None:
-            if ids is not None:
-                raise InputError("give input_ids or inputs_embeds, not both")
-            width = self.get_input_embeddings().weight.shape[1]
-            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() != 3 \
-                    or embeds.shape[-1] != width or embeds.shape[1] < 1:
-                raise InputError(f"inputs_embeds must be a float tensor of shape (batch, sequence, {width}); got "
-                                 f"{getattr(embeds, 'dtype', type(embeds).__name__)} {tuple(getattr(embeds, 'shape', ()))}")
-            ids = None
-        elif not isinstance(ids, torch.Tensor):
-            raise InputError("input_ids is required: a LongTensor of shape (batch, sequence)")
-        if ids is not None and (ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2):
-            raise InputError(f"input_ids must be an integer tensor of shape (batch, sequence); got dtype "
-                             f"{ids.dtype} and shape {tuple(ids.shape)}")
-        if ids is not None and ids.dtype != torch.int64:
-            ids = ids.long()
-        if ids is not None and ids.shape[1] < 1:
-            raise InputError("input_ids hold no tokens (sequence length 0)")
-        if ids is not None and not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel():
-            vocab = int(self.config.vocab_size)
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= vocab:
-                raise InputError(f"input_ids hold ids in [{lo}, {hi}] but the vocabulary has {vocab} entries")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dtype == torch.bool:
-            mask = mask.long()
-        keep = kwargs.get("logits_to_keep", 0)
-        if keep is None:
-            keep = 0
-        if not isinstance(keep, (int, torch.Tensor)) or isinstance(keep, bool) or (isinstance(keep, int) and keep < 0):
-            raise InputError(f"logits_to_keep = {keep!r} is not valid; give an int >= 0 (0 keeps every position) "
-                             "or a tensor of positions")
-        pos = kwargs.get("position_ids")
-        seq = (ids if ids is not None else embeds).shape[1]
-        cached = kwargs.get("cache", kwargs.get("past_key_values"))
-        total = seq + (cached.get_seq_length() if hasattr(cached, "get_seq_length") else 0)
-        if self._max_positions is not None and total > self._max_positions and pos is None:
-            raise InputError(f"{total} positions but {self.model_class} has learned position embeddings for "
-                             f"{self._max_positions}; shorten the input (or the generation) to at most "
-                             f"{self._max_positions} tokens")
-        if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != seq):
-            raise InputError(f"position_ids must be a (batch, sequence) tensor matching the {seq} input tokens; "
-                             f"got {getattr(pos, 'shape', type(pos).__name__)}")
-        return {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
-                "output_hidden_states": kwargs.get("output_hidden_states"),
-                "cache": kwargs.get("cache", kwargs.get("past_key_values")), "use_cache": kwargs.get("use_cache"),
-                "return_dict": kwargs.get("return_dict"), "logits_to_keep": keep,
-                "num_items_in_batch": kwargs.get("num_items_in_batch")}
-
-    # ------------------------------------------------------------------------------------------
-    # the KV cache: transformers' DynamicCache in, the cached graph's flat keys and values inside
-    # ------------------------------------------------------------------------------------------
-
-    def _past(self, cache: Any, ids: torch.Tensor, derived: Derived) -> tuple[tuple[list, list], Any]:
-        """The past keys and values to feed the cached graph, checked against this model's layout."""
-        layout = derived.captured.cache
-        batch = ids.shape[0]
-        device, dtype = self._device_dtype()
-        if cache is not None:
-            from transformers import DynamicCache
-
-            if not isinstance(cache, DynamicCache) or type(cache).__name__ != "DynamicCache":
-                raise InputError(f"a {type(cache).__name__} was given as the cache; a transformed model uses "
-                                 "transformers' DynamicCache (pass DynamicCache() or let generate make one)")
-        fresh = cache is None or cache.get_seq_length() == 0 and not any(
-            getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in getattr(cache, "layers", []))
-        if fresh:
-            empty = [torch.zeros(batch, h, 0, d, dtype=dtype, device=device) for h, d in layout]
-            return (empty, [torch.zeros_like(t) for t in empty]), cache
-        if getattr(cache, "_moa_fx_owner", None) != self._cache_tag:
-            raise InputError("this cache was filled by another model (or another spec, or the base model itself): "
-                             "its keys and values do not belong to this model's adapters; start from an empty "
-                             "DynamicCache() or pass none")
-        if len(cache.layers) != len(layout):
-            raise InputError(f"the cache has {len(cache.layers)} layers but this model has {len(layout)}")
-        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-        length = keys[0].shape[2]
-        for i, ((h, d), k, v) in enumerate(zip(layout, keys, values)):
-            want = (batch, h, length, d)
-            if tuple(k.shape) != want or tuple(v.shape) != want:
-                raise InputError(f"cache layer {i} holds keys of shape {tuple(k.shape)}, but this call needs {want} "
-                                 "(batch, kv heads, past length, head dim): the cache comes from another batch or model")
-            if k.dtype != dtype or k.device != device:
-                raise InputError(f"cache layer {i} is {k.dtype} on {k.device} but the model is {dtype} on {device}; "
-                                 "start a new cache after moving the model")
-        return (keys, values), cache
-
-    def _cached_mask_positions(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None,
-                               past: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, seq = ids.shape
-        length = past[0][0].shape[2] if past[0] else 0
-        if mask is None:
-            mask = torch.ones(batch, length + seq, dtype=torch.long, device=ids.device)
-        if tuple(mask.shape) != (batch, length + seq):
-            raise InputError(f"attention_mask has shape {tuple(mask.shape)}; with {length} cached tokens it must "
-                             f"cover past and new tokens: ({batch}, {length + seq})")
-        if pos is None:
-            pos = torch.arange(length, length + seq, device=ids.device).expand(batch, seq)
-        elif pos.shape[0] != batch:
-            pos = pos.expand(batch, seq)
-        return mask, pos.contiguous()
-
-    def _store(self, cache: Any, keys: list, values: list) -> Any:
-        """Write the graph's new keys and values into ``cache`` (a new DynamicCache when None)."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        if cache is None:
-            cache = DynamicCache()
-        while len(cache.layers) < len(keys):
-            cache.layers.append(DynamicLayer())
-        for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values)):
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
-            if getattr(layer, "is_sliding", False):
-                if k.shape[-2] >= layer.sliding_window:
-                    raise InputError(f"cache layer {i} is a sliding-window layer (window {layer.sliding_window}) and "
-                                     f"the sequence has reached {k.shape[-2]} tokens: a transformed model keeps full "
-                                     "caches only; generate at most window - 1 tokens in total")
-                layer.cumulative_length = k.shape[-2]
-            layer.keys, layer.values = k, v
-        cache._moa_fx_owner = self._cache_tag
-        return cache
 
     # ------------------------------------------------------------------------------------------
     # generation: transformers' own generate, with this model's cached graph as the forward
@@ -802,24 +657,6 @@ class MoAModel(nn.Module):
     def disable_input_require_grads(self) -> None:
         """The counterpart of :meth:`enable_input_require_grads` (nothing to undo)."""
 
-    def _plain_inputs(self, derived: Derived, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        names = derived.captured.input_names
-        flat = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
-        if kwargs:
-            raise InputError(f"unexpected input(s) {sorted(kwargs)}; this model takes {list(names)}")
-        if len(flat) != len(names):
-            raise InputError(f"expected {len(names)} inputs {list(names)}, got {len(flat)}")
-        placeholders = {n.name: n.meta.get("val") for n in derived.gm.graph.nodes if n.op == "placeholder"}
-        for name, t in zip(names, flat):
-            want = placeholders.get(name)
-            if isinstance(want, torch.Tensor) and isinstance(t, torch.Tensor):
-                _check_like(name, t, want)
-        for name, t in zip(names, flat):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.compiler.is_compiling() \
-                    and t.device.type != "meta" and not torch.isfinite(t).all():
-                raise InputError(f"input '{name}' contains NaN or inf; clean the data before the model sees it")
-        return flat
-
     # ------------------------------------------------------------------------------------------
     # router statistics
     # ------------------------------------------------------------------------------------------
@@ -947,30 +784,6 @@ class MoAModel(nn.Module):
         moa = transform(model, adapter_files.saved_spec(directory), **kwargs)
         moa.load_adapters(directory)
         return moa
-
-
-def _learned_positions(model: nn.Module, config: Any) -> int | None:
-    """The number of positions a model with a learned position table (GPT-2's wpe, OPT's) can embed;
-    None for rotary or other positions that extend past the config's maximum."""
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and module.num_embeddings in (limit, limit + 2) and \
-                module is not getattr(model, "get_input_embeddings", lambda: None)():
-            return limit
-    return None
-
-
-def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:
-    """Refuse an input whose dtype, rank or static size differs from what the graph was captured with."""
-    autocast = torch.is_autocast_enabled() and t.is_floating_point() and want.is_floating_point()
-    if t.dtype != want.dtype and not autocast:
-        raise InputError(f"input '{name}' has dtype {t.dtype}, but the model was captured with {want.dtype}; "
-                         f"convert it with .to({want.dtype})")
-    if t.dim() != want.dim() or any(isinstance(w, int) and w != s for w, s in zip(want.shape, t.shape)):
-        shape = tuple(d if isinstance(d, int) else "dynamic" for d in want.shape)
-        raise InputError(f"input '{name}' has shape {tuple(t.shape)}, but the model was captured with {shape}")
 
 
 def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
