@@ -42,8 +42,9 @@ __all__ = ["MoAPeftConfig", "is_plain_lora", "lora_config_fields", "check_peft_l
 PEFT_IMPORTABLE = ("LORA",)
 # LoraConfig fields whose non-default value changes what the adapter computes
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
-                "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "trainable_token_indices": None,
-                "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None}
+                "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
+                "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
+                "alora_invocation_tokens": None}
 _PEFT_TENSOR = re.compile(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight")
 
 

@@ -1,6 +1,7 @@
 """The transformed model: :func:`transform` builds a :class:`MoAModel` from a model and a spec.
 
-One job: the model's state and its calls. A ``MoAModel`` *owns state* and *derives graphs* (see :mod:`moa_fx.derive`):
+One job: the model's state and its calls. A ``MoAModel`` *owns state* and *derives graphs*
+(see :mod:`moa_fx.derive`):
 
 - state: the frozen base model (``.model``, shared with the caller, not copied), the spec, and the
   adapter modules (``.moa``: experts, routers, thresholds, the only trainable parameters and the
