@@ -1,6 +1,6 @@
 """Writing files so that a reader sees the old file or the new one, never half of one; hashing them.
 
-Shared by adapter directories (:mod:`moa_fx.runtime`), training checkpoints (:mod:`moa_fx.train`),
+Shared by adapter directories (:mod:`moa_fx.adapter_files`), training checkpoints (:mod:`moa_fx.train`),
 evaluation results and the asset cache.
 """
 

@@ -1,6 +1,7 @@
 """The transformed model: :func:`transform` builds a :class:`MoAModel` from a model and a spec.
 
-A ``MoAModel`` *owns state* and *derives graphs* (see :mod:`moa_fx.derive`):
+One job: the model's state and its calls. A ``MoAModel`` *owns state* and *derives graphs*
+(see :mod:`moa_fx.derive`):
 
 - state: the frozen base model (``.model``, shared with the caller, not copied), the spec, and the
   adapter modules (``.moa``: experts, routers, thresholds, the only trainable parameters and the
@@ -15,6 +16,12 @@ inputs for plain modules), returns the base model's output type (with ``loss`` w
 given, ``aux_loss``, and the cache when one is used), generates with transformers' own
 ``generate``, moves with ``.to()``, and checkpoints activations with the HF method names.
 
+Where the rest lives: the graphs themselves in :mod:`moa_fx.derive`; a call's argument checks in
+:mod:`moa_fx.inputs`; the KV cache's way in and out of the cached graph in :mod:`moa_fx.kv_cache`;
+the files adapters are saved in and loaded from (``save_pretrained``, ``from_pretrained``, thin
+methods here) in :mod:`moa_fx.adapter_files`; PEFT's LoRA (names, config, merging) in
+:mod:`moa_fx.peft_lora`.
+
 Parameter names: every adapter parameter lives under ``moa.<site path>.<expert>.<i>``, e.g.
 ``moa.model.layers.0.self_attn.q_proj.lora.0.lora_A`` (site path, expert rule name, expert
 index); routers under ``moa.<site or block path>.router``, thresholds under ``….threshold``.
@@ -26,10 +33,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import math
 import os
 import pathlib
+import time
 import uuid
 from typing import Any
 
@@ -37,19 +44,17 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from . import adapter_files
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
                      has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
-from .errors import AdapterLoadError, InputError, MoaFxError
-from .fileio import atomic_write, sha256_file
+from .errors import InputError, MoaFxError
 from .graph import ADAPTER_ROOT
-from .spec import LoraExpert, Spec, load_spec, spec_from_dict, spec_to_dict
+from .inputs import learned_positions, lm_inputs, plain_inputs
+from .kv_cache import cached_mask_positions, past_keys_values, store
+from .peft_lora import MoAPeftConfig, is_plain_lora, merge_lora
+from .spec import Spec, load_spec
 
-__all__ = ["MoAModel", "MoAOutput", "transform", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# 2: the record holds each router's expert order ("routers"); up's experts now come before gate's
-FORMAT_VERSION = 2
+__all__ = ["MoAModel", "MoAOutput", "transform"]
 
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -67,12 +72,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     MoAOutput = None  # type: ignore[assignment]
     _CACHE_FIELD = "past_key_values"
 
-# forward arguments a transformed causal LM takes (beyond input_ids, attention_mask, labels)
+# the dtypes a transformed model runs in (float64 too under lower="off")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# padding-free batches (TRL's collator) carry flash-attention varlen hints that sdpa/eager attention ignore
-_VARLEN_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-_LM_ARGS = ("inputs_embeds", "position_ids", "past_key_values", "cache", "use_cache", "return_dict", "logits_to_keep",
-            "num_items_in_batch", "output_attentions", "output_hidden_states", "cache_position")
 
 
 class Backbone:
@@ -96,21 +97,6 @@ class Backbone:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._moa.model, name)
-
-
-@dataclasses.dataclass
-class MoAPeftConfig:
-    """What ``model.peft_config["default"]`` holds: PEFT's common config fields and the spec."""
-
-    peft_type: str
-    task_type: str | None
-    base_model_name_or_path: str | None
-    inference_mode: bool
-    spec: Spec
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "task_type": self.task_type, "inference_mode": self.inference_mode,
-                "base_model_name_or_path": self.base_model_name_or_path, "moa_fx": {"spec": spec_to_dict(self.spec)}}
 
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
@@ -174,7 +160,7 @@ class MoAModel(nn.Module):
         self._merged = False  # after merge_and_unload()
         self.warnings_issued: dict = {}  # the Trainer and TRL record one-time warnings here, as on a PreTrainedModel
         self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
-        self._max_positions = _learned_positions(model, cap.config)
+        self._max_positions = learned_positions(model, cap.config)
         self._last: Derived = first
         self._stats: list[torch.Tensor] = []
         self.aux_loss: torch.Tensor | None = None
@@ -214,6 +200,11 @@ class MoAModel(nn.Module):
         return self._first.lowering
 
     @property
+    def placements(self):
+        """The site plan's placements (one expert rule at one site, of every kind), in graph order."""
+        return self._first.placements
+
+    @property
     def device(self) -> torch.device:
         return self._device_dtype()[0]
 
@@ -246,32 +237,31 @@ class MoAModel(nn.Module):
         any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
         if purpose not in ("forward", "cached"):
             raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
-        key = self._key(purpose, last_logits, embeds=embeds, hidden=hidden, backbone=backbone, packed=packed)
-        found = self._graphs.get(key)
-        return found if found is not None else self._derive(key)
+        return self._get(self._key(purpose, last_logits, embeds=embeds, hidden=hidden, backbone=backbone,
+                                   packed=packed))
 
     @torch.compiler.disable
     def _derive(self, key: GraphKey) -> Derived:
         """Make the graph for ``key`` from the graph it is a rewrite of (derived first if needed), or by
         capture. ``seconds`` counts this step only, not the derivation of its source."""
-        import time
-
         if key.purpose == "cached" and not self._causal:
             raise InputError(f"{self.model_class} is not a causal LM: it has no KV-cache graph")
         if key.checkpointing:
-            source, rewrite = key._replace(checkpointing=False), self._checkpoint_rewrite
+            source, rewrite, name = key._replace(checkpointing=False), self._checkpoint_rewrite, "checkpoint_blocks"
         elif key.last_logits:
-            source, rewrite = key._replace(last_logits=False), lambda gm: keep_last_logits(gm, self._head_path())
+            source, rewrite, name = (key._replace(last_logits=False),
+                                     lambda gm: keep_last_logits(gm, self._head_path()), "keep_last_logits")
         elif key.backbone:
-            source, rewrite = key._replace(backbone=False), self._backbone_rewrite
+            source, rewrite, name = key._replace(backbone=False), lambda gm: keep_hidden(gm, self._head_path()), \
+                "keep_hidden"
         elif not key.dropout and self._has_dropout and not self._mode_ops:
-            source, rewrite = key._replace(dropout=True), strip_dropout
+            source, rewrite, name = key._replace(dropout=True), strip_dropout, "strip_dropout"
         else:
-            source = rewrite = None
+            source = None
         if source is not None:
             src = self._get(source)
             start = time.perf_counter()
-            made = src.replace_graph(rewrite(src.gm), key, f"rewrite of {src.key}: {_rewrite_name(rewrite)}", 0.0)
+            made = src.replace_graph(rewrite(src.gm), key, f"rewrite of {src.key}: {name}", 0.0)
         else:
             start = time.perf_counter()
             made = derive_by_capture(self.model, self.spec, self.moa, self._capture_options(key), key,
@@ -280,9 +270,6 @@ class MoAModel(nn.Module):
         self._graphs[key] = made
         self.derivations.append((str(key), made.how, made.seconds))
         return made
-
-    def _backbone_rewrite(self, gm):
-        return keep_hidden(gm, self._head_path())
 
     def _checkpoint_rewrite(self, gm):
         ckpt = self._checkpointing or {"kwargs": {}, "every_n_layers": 1, "offload": False}
@@ -427,11 +414,12 @@ class MoAModel(nn.Module):
             return self.model(*args, labels=labels, **kwargs) if labels is not None else self.model(*args, **kwargs)
         if not self._causal:
             derived = self.derived()
-            flat = self._plain_inputs(derived, args, kwargs)
+            flat = plain_inputs(derived, args, kwargs)
             outputs = derived.gm(*flat)
             user = self._take_extras(derived, outputs)
             return pytree.tree_unflatten(user, derived.captured.out_spec)
-        call = self._lm_inputs(args, kwargs)
+        call = lm_inputs(args, kwargs, config=self.config, input_embeddings=self.get_input_embeddings,
+                         max_positions=self._max_positions, model_class=self.model_class)
         ids, mask, embeds = call["input_ids"], call["attention_mask"], call["inputs_embeds"]
         if backbone and labels is not None:
             raise InputError("the backbone (model.base_model) returns hidden states; it takes no labels")
@@ -453,14 +441,16 @@ class MoAModel(nn.Module):
         if cached:
             derived = self.derived("cached", last_logits=isinstance(keep, int) and keep == 1 and not backbone,
                                    backbone=backbone)
-            past, cache = self._past(call["cache"], ids, derived)
-            mask, pos = self._cached_mask_positions(ids, mask, call["position_ids"], past)
+            device, dtype = self._device_dtype()
+            past, cache = past_keys_values(call["cache"], derived.captured.cache, ids.shape[0], device, dtype,
+                                           self._cache_tag)
+            mask, pos = cached_mask_positions(ids, mask, call["position_ids"], past)
             outputs = derived.gm(ids, mask, pos, *past[0], *past[1])
             user = self._take_extras(derived, outputs)
             n = len(past[0])
             logits = user[0]
             if call["cache"] is not None or call["use_cache"] is not False and call["use_cache"] is not None:
-                cache = self._store(cache, user[1:1 + n], user[1 + n:1 + 2 * n])
+                cache = store(cache, user[1:1 + n], user[1 + n:1 + 2 * n], self._cache_tag)
             else:
                 cache = None
         else:
@@ -513,157 +503,6 @@ class MoAModel(nn.Module):
         self.aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
         self._last = derived
         return user
-
-    def _lm_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        names = ("input_ids", "attention_mask")
-        if len(args) > 2:
-            raise InputError("pass at most input_ids and attention_mask positionally")
-        for name, value in zip(names, args):
-            if name in kwargs:
-                raise InputError(f"{name} was given both positionally and by keyword")
-            kwargs[name] = value
-        varlen = sorted(k for k in _VARLEN_ARGS if k in kwargs)
-        if varlen:
-            impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-            if "flash" in str(impl):
-                raise InputError(f"{varlen} are flash-attention varlen inputs; a transformed model runs "
-                                 f"{impl} attention only as the base model captured it (sdpa or eager)")
-            for k in varlen:  # the base model's sdpa/eager attention ignores them too
-                kwargs.pop(k)
-        unknown = sorted(set(kwargs) - set(names) - set(_LM_ARGS))
-        if unknown:
-            raise InputError(f"unsupported input(s) {unknown}; a transformed causal LM takes input_ids, "
-                             f"attention_mask, labels and {', '.join(_LM_ARGS)}")
-        if kwargs.get("output_attentions"):
-            raise InputError("output_attentions=True is not supported by a transformed model (its attention runs "
-                             "fused, as SDPA); run the base model for attention weights")
-        if kwargs.get("past_key_values") is not None and kwargs.get("cache") is not None:
-            raise InputError("past_key_values and cache were both given; they are one argument (transformers 5 "
-                             "calls it cache)")
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        if embeds is not None:
-            if ids is not None:
-                raise InputError("give input_ids or inputs_embeds, not both")
-            width = self.get_input_embeddings().weight.shape[1]
-            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() != 3 \
-                    or embeds.shape[-1] != width or embeds.shape[1] < 1:
-                raise InputError(f"inputs_embeds must be a float tensor of shape (batch, sequence, {width}); got "
-                                 f"{getattr(embeds, 'dtype', type(embeds).__name__)} {tuple(getattr(embeds, 'shape', ()))}")
-            ids = None
-        elif not isinstance(ids, torch.Tensor):
-            raise InputError("input_ids is required: a LongTensor of shape (batch, sequence)")
-        if ids is not None and (ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2):
-            raise InputError(f"input_ids must be an integer tensor of shape (batch, sequence); got dtype "
-                             f"{ids.dtype} and shape {tuple(ids.shape)}")
-        if ids is not None and ids.dtype != torch.int64:
-            ids = ids.long()
-        if ids is not None and ids.shape[1] < 1:
-            raise InputError("input_ids hold no tokens (sequence length 0)")
-        if ids is not None and not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel():
-            vocab = int(self.config.vocab_size)
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= vocab:
-                raise InputError(f"input_ids hold ids in [{lo}, {hi}] but the vocabulary has {vocab} entries")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dtype == torch.bool:
-            mask = mask.long()
-        keep = kwargs.get("logits_to_keep", 0)
-        if keep is None:
-            keep = 0
-        if not isinstance(keep, (int, torch.Tensor)) or isinstance(keep, bool) or (isinstance(keep, int) and keep < 0):
-            raise InputError(f"logits_to_keep = {keep!r} is not valid; give an int >= 0 (0 keeps every position) "
-                             "or a tensor of positions")
-        pos = kwargs.get("position_ids")
-        seq = (ids if ids is not None else embeds).shape[1]
-        cached = kwargs.get("cache", kwargs.get("past_key_values"))
-        total = seq + (cached.get_seq_length() if hasattr(cached, "get_seq_length") else 0)
-        if self._max_positions is not None and total > self._max_positions and pos is None:
-            raise InputError(f"{total} positions but {self.model_class} has learned position embeddings for "
-                             f"{self._max_positions}; shorten the input (or the generation) to at most "
-                             f"{self._max_positions} tokens")
-        if pos is not None and (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != seq):
-            raise InputError(f"position_ids must be a (batch, sequence) tensor matching the {seq} input tokens; "
-                             f"got {getattr(pos, 'shape', type(pos).__name__)}")
-        return {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
-                "output_hidden_states": kwargs.get("output_hidden_states"),
-                "cache": kwargs.get("cache", kwargs.get("past_key_values")), "use_cache": kwargs.get("use_cache"),
-                "return_dict": kwargs.get("return_dict"), "logits_to_keep": keep,
-                "num_items_in_batch": kwargs.get("num_items_in_batch")}
-
-    # ------------------------------------------------------------------------------------------
-    # the KV cache: transformers' DynamicCache in, the cached graph's flat keys and values inside
-    # ------------------------------------------------------------------------------------------
-
-    def _past(self, cache: Any, ids: torch.Tensor, derived: Derived) -> tuple[tuple[list, list], Any]:
-        """The past keys and values to feed the cached graph, checked against this model's layout."""
-        layout = derived.captured.cache
-        batch = ids.shape[0]
-        device, dtype = self._device_dtype()
-        if cache is not None:
-            from transformers import DynamicCache
-
-            if not isinstance(cache, DynamicCache) or type(cache).__name__ != "DynamicCache":
-                raise InputError(f"a {type(cache).__name__} was given as the cache; a transformed model uses "
-                                 "transformers' DynamicCache (pass DynamicCache() or let generate make one)")
-        fresh = cache is None or cache.get_seq_length() == 0 and not any(
-            getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in getattr(cache, "layers", []))
-        if fresh:
-            empty = [torch.zeros(batch, h, 0, d, dtype=dtype, device=device) for h, d in layout]
-            return (empty, [torch.zeros_like(t) for t in empty]), cache
-        if getattr(cache, "_moa_fx_owner", None) != self._cache_tag:
-            raise InputError("this cache was filled by another model (or another spec, or the base model itself): "
-                             "its keys and values do not belong to this model's adapters; start from an empty "
-                             "DynamicCache() or pass none")
-        if len(cache.layers) != len(layout):
-            raise InputError(f"the cache has {len(cache.layers)} layers but this model has {len(layout)}")
-        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-        length = keys[0].shape[2]
-        for i, ((h, d), k, v) in enumerate(zip(layout, keys, values)):
-            want = (batch, h, length, d)
-            if tuple(k.shape) != want or tuple(v.shape) != want:
-                raise InputError(f"cache layer {i} holds keys of shape {tuple(k.shape)}, but this call needs {want} "
-                                 "(batch, kv heads, past length, head dim): the cache comes from another batch or model")
-            if k.dtype != dtype or k.device != device:
-                raise InputError(f"cache layer {i} is {k.dtype} on {k.device} but the model is {dtype} on {device}; "
-                                 "start a new cache after moving the model")
-        return (keys, values), cache
-
-    def _cached_mask_positions(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None,
-                               past: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, seq = ids.shape
-        length = past[0][0].shape[2] if past[0] else 0
-        if mask is None:
-            mask = torch.ones(batch, length + seq, dtype=torch.long, device=ids.device)
-        if tuple(mask.shape) != (batch, length + seq):
-            raise InputError(f"attention_mask has shape {tuple(mask.shape)}; with {length} cached tokens it must "
-                             f"cover past and new tokens: ({batch}, {length + seq})")
-        if pos is None:
-            pos = torch.arange(length, length + seq, device=ids.device).expand(batch, seq)
-        elif pos.shape[0] != batch:
-            pos = pos.expand(batch, seq)
-        return mask, pos.contiguous()
-
-    def _store(self, cache: Any, keys: list, values: list) -> Any:
-        """Write the graph's new keys and values into ``cache`` (a new DynamicCache when None)."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        if cache is None:
-            cache = DynamicCache()
-        while len(cache.layers) < len(keys):
-            cache.layers.append(DynamicLayer())
-        for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values)):
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
-            if getattr(layer, "is_sliding", False):
-                if k.shape[-2] >= layer.sliding_window:
-                    raise InputError(f"cache layer {i} is a sliding-window layer (window {layer.sliding_window}) and "
-                                     f"the sequence has reached {k.shape[-2]} tokens: a transformed model keeps full "
-                                     "caches only; generate at most window - 1 tokens in total")
-                layer.cumulative_length = k.shape[-2]
-            layer.keys, layer.values = k, v
-        cache._moa_fx_owner = self._cache_tag
-        return cache
 
     # ------------------------------------------------------------------------------------------
     # generation: transformers' own generate, with this model's cached graph as the forward
@@ -796,8 +635,8 @@ class MoAModel(nn.Module):
     def peft_config(self) -> dict[str, Any]:
         """``{"default": config}`` as in PEFT; the config carries ``peft_type``, ``task_type``,
         ``base_model_name_or_path``, ``inference_mode`` and the moa-fx spec."""
-        cfg = self.adapter_config()
-        return {"default": MoAPeftConfig(peft_type=cfg["peft_type"], task_type="CAUSAL_LM" if self._causal else None,
+        return {"default": MoAPeftConfig(peft_type="LORA" if is_plain_lora(self.spec) else "MOA_FX",
+                                         task_type="CAUSAL_LM" if self._causal else None,
                                          base_model_name_or_path=self.name_or_path or None,
                                          inference_mode=not any(p.requires_grad for p in self.moa.parameters()),
                                          spec=self.spec)}
@@ -818,24 +657,6 @@ class MoAModel(nn.Module):
 
     def disable_input_require_grads(self) -> None:
         """The counterpart of :meth:`enable_input_require_grads` (nothing to undo)."""
-
-    def _plain_inputs(self, derived: Derived, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        names = derived.captured.input_names
-        flat = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
-        if kwargs:
-            raise InputError(f"unexpected input(s) {sorted(kwargs)}; this model takes {list(names)}")
-        if len(flat) != len(names):
-            raise InputError(f"expected {len(names)} inputs {list(names)}, got {len(flat)}")
-        placeholders = {n.name: n.meta.get("val") for n in derived.gm.graph.nodes if n.op == "placeholder"}
-        for name, t in zip(names, flat):
-            want = placeholders.get(name)
-            if isinstance(want, torch.Tensor) and isinstance(t, torch.Tensor):
-                _check_like(name, t, want)
-        for name, t in zip(names, flat):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.compiler.is_compiling() \
-                    and t.device.type != "meta" and not torch.isfinite(t).all():
-                raise InputError(f"input '{name}' contains NaN or inf; clean the data before the model sees it")
-        return flat
 
     # ------------------------------------------------------------------------------------------
     # router statistics
@@ -874,19 +695,11 @@ class MoAModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter/router/threshold tensor, named without the ``moa.`` prefix."""
-        return {k: v for k, v in self.adapters.state_dict().items()}
+        return dict(self.adapters.state_dict())
 
     def trainable_parameter_count(self) -> tuple[int, int]:
-        seen: set[int] = set()
-        trainable = total = 0
-        for p in self.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        return trainable, total
+        """(trainable, total) distinct parameters."""
+        return self.num_parameters(only_trainable=True), self.num_parameters()
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameter_count()
@@ -900,8 +713,6 @@ class MoAModel(nn.Module):
         Only router-less LoRA (plain LoRA, fixed-weight mixtures of LoRA experts) merges; a routed
         mixture depends on each token and is refused. ``safe_merge`` checks the merged weights for
         NaN. Afterwards this wrapper refuses to run (its base now holds the adapters)."""
-        from .interop import merge_lora
-
         if adapter_names not in (None, ["default"]):
             raise InputError(f"adapter_names = {adapter_names!r}: a transformed model has one adapter, 'default'")
         base = merge_lora(self)
@@ -920,173 +731,21 @@ class MoAModel(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def adapter_config(self) -> dict[str, Any]:
-        """The JSON written beside the weights. Plain LoRA uses PEFT's ``LoraConfig`` fields (PEFT can
-        load it); mixtures use ``peft_type = "MOA_FX"``. Both keep moa-fx's own record under "moa_fx"."""
-        own = {
-            "format": FORMAT_VERSION,
-            "base_model_class": self.model_class,
-            "spec": spec_to_dict(self.spec),
-            "tensors": {k: list(v.shape) for k, v in self.adapter_state_dict().items()},
-            "routers": {key: list(info.expert_ids) for key, info in self.routers.items()},
-        }
-        if not self.is_plain_lora():
-            return {"peft_type": "MOA_FX", "base_model_name_or_path": self.name_or_path or None, "moa_fx": own}
-        rules = {e.name: e for e in self.spec.experts}
-        sites = [s for s in self.slots]
-        first = self.spec.experts[0]
-        rank_pattern, alpha_pattern = {}, {}
-        for slot in sites:
-            rule = rules[slot.rule]
-            if rule.r != first.r:
-                rank_pattern[slot.site] = rule.r
-            if rule.alpha != first.alpha:
-                alpha_pattern[slot.site] = rule.alpha
-        conv1d = any(site.op == "addmm" for site in self._lora_sites())
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM" if self._causal else None,
-            "r": first.r,
-            "lora_alpha": first.alpha,
-            "lora_dropout": max(e.dropout for e in self.spec.experts),
-            "target_modules": sorted({s.site for s in sites}),
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "bias": "none",
-            "fan_in_fan_out": conv1d,
-            "inference_mode": True,
-            "base_model_name_or_path": getattr(self.config, "_name_or_path", None) or None,
-            "moa_fx": own,
-        }
-
-    def is_plain_lora(self) -> bool:
-        """One LoRA expert per site, no router: what PEFT's LoRA can represent."""
-        return self.spec.router.kind == "none" and all(
-            isinstance(e, LoraExpert) and len(e.ranks) == 1 and not e.share_a for e in self.spec.experts)
-
-    def _lora_sites(self):
-        return [p.site for p in self._first.placements]
-
-    def _peft_names(self) -> dict[str, str]:
-        """Our adapter tensor names → PEFT's (``base_model.model.<path>.lora_A.weight``)."""
-        names = {}
-        for slot in self.slots:
-            prefix = slot.module[len(ADAPTER_ROOT) + 1:]
-            for part in ("lora_A", "lora_B"):
-                names[f"{prefix}.{part}"] = f"base_model.model.{slot.site}.{part}.weight"
-        return names
+        """The JSON written beside the weights (:func:`moa_fx.adapter_files.adapter_config`)."""
+        return adapter_files.adapter_config(self)
 
     def save_adapters(self, directory: str | os.PathLike) -> pathlib.Path:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` atomically into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = pathlib.Path(directory)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise MoaFxError(f"cannot create adapter directory '{directory}': {err.strerror}; "
-                             "choose a writable path") from None
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        if self.is_plain_lora():
-            names = self._peft_names()
-            tensors = {names[k]: v for k, v in tensors.items()}
-        atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        config_data = self.adapter_config()
-        # the checksum ties the config to these exact weight bytes: damage anywhere in the file, or a
-        # weights file from another save, is caught at load time
-        config_data["moa_fx"]["sha256"] = sha256_file(directory / ADAPTER_WEIGHTS)
-        config = json.dumps(config_data, indent=2, sort_keys=True)
-        atomic_write(directory / ADAPTER_CONFIG, lambda p: p.write_text(config))
-        return directory
+        return adapter_files.save_adapters(self, directory)
 
     def load_adapters(self, directory: str | os.PathLike) -> None:
-        """Load adapters saved by :meth:`save_adapters` for the same base model and spec."""
-        directory = pathlib.Path(directory)
-        cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-        for p in (cfg_path, w_path):
-            if not p.exists():
-                raise AdapterLoadError(f"'{p}' is missing; point load_adapters at a directory written by save_adapters")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise AdapterLoadError(f"'{cfg_path}' is not valid JSON ({err}); the file is damaged") from None
-        own = config.get("moa_fx") if isinstance(config, dict) else None
-        if isinstance(config, dict) and own is None and config.get("peft_type") not in (None, "MOA_FX"):
-            return self._load_peft_lora(directory)
-        if not isinstance(own, dict) or "spec" not in own:
-            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config (no 'moa_fx.spec') nor a PEFT one")
-        try:
-            saved_spec = spec_from_dict(own["spec"])
-        except MoaFxError as err:
-            raise AdapterLoadError(f"'{cfg_path}' holds an invalid spec: {err}") from None
-        if config.get("peft_type") == "LORA":
-            # PEFT reads these fields, moa-fx the spec: both must describe one model
-            written = self.adapter_config() if spec_to_dict(saved_spec) == spec_to_dict(self.spec) else {}
-            for field_name in _PEFT_LORA_FIELDS:
-                if written and _canonical(config.get(field_name)) != _canonical(written.get(field_name)):
-                    raise AdapterLoadError(
-                        f"'{cfg_path}' says {field_name} = {config.get(field_name)!r} but its moa-fx spec gives "
-                        f"{written.get(field_name)!r}: the file was edited, and PEFT would load another model than "
-                        "moa-fx; restore the field or save the adapters again")
-        if spec_to_dict(saved_spec) != spec_to_dict(self.spec):
-            diff = _first_difference(spec_to_dict(saved_spec), spec_to_dict(self.spec))
-            raise AdapterLoadError(f"adapters in '{directory}' were saved for another spec ({diff}); "
-                                   "transform the base model with the saved spec: MoAModel.from_adapters(model, dir)")
-        if own.get("base_model_class") != self.model_class:
-            raise AdapterLoadError(f"adapters in '{directory}' were saved for {own.get('base_model_class')}, "
-                                   f"not {self.model_class}")
-        self._check_router_order(own, directory)
-        tensors = _read_safetensors(w_path)
-        if config.get("peft_type") == "LORA":
-            back = {v: k for k, v in self._peft_names().items()}
-            tensors = {back.get(k, k): v for k, v in tensors.items()}
-        own = self.adapter_state_dict()
-        _check_adapter_tensors(own, tensors)
-        # last: the specific checks above name the tensor; the checksum catches what still parses
-        digest = config["moa_fx"].get("sha256")
-        if digest is not None and sha256_file(w_path) != digest:
-            raise AdapterLoadError(f"'{w_path}' does not match the checksum in '{cfg_path.name}': the weights file is "
-                                   "damaged or comes from another save; save the adapters again")
-        self.adapters.load_state_dict({k: tensors[k] for k in own}, strict=True)
-
-    def _check_router_order(self, own: dict, directory: pathlib.Path) -> None:
-        """A router's weight rows follow its experts' order: the saved order must be this model's."""
-        mine = {key: list(info.expert_ids) for key, info in self.routers.items()}
-        saved = own.get("routers")
-        if saved is None:  # format 1: graph order, where up's experts came after gate's
-            swapped = [k for k, ids in mine.items() if any(":" in i and i.split(":")[0].endswith("up_proj") for i in ids)
-                       and any(":" in i and i.split(":")[0].endswith("gate_proj") for i in ids)]
-            if swapped:
-                raise AdapterLoadError(f"adapters in '{directory}' were saved by an older moa-fx whose routers ordered "
-                                       f"gate's experts before up's ({swapped[0]}); their router rows would be read "
-                                       "swapped. Load them with the moa-fx that saved them and save again")
-        elif saved != mine:
-            key = next(k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
-            raise AdapterLoadError(f"adapters in '{directory}' route {key} over experts {saved.get(key)}, this model "
-                                   f"over {mine.get(key)}: the router rows would be read in another order")
-
-    def _load_peft_lora(self, directory: pathlib.Path) -> None:
-        """A PEFT LoRA directory into this model, whose spec must equal the one its config describes."""
-        from .interop import peft_tensors_to_moa, read_peft_lora, spec_from_peft_config
-
-        cfg, tensors = read_peft_lora(directory)
-        if not self.is_plain_lora():
-            raise AdapterLoadError(f"'{directory}' is a PEFT LoRA and this model is a mixture; load it into a plain "
-                                   "LoRA model (MoAModel.from_pretrained(base, dir)) or seed the mixture's experts "
-                                   "with seed_from_peft(dir)")
-        want = spec_from_peft_config(cfg, self.model)
-        if _peft_sites(want) != _placed_sites(self):
-            raise AdapterLoadError(f"'{directory}' adapts other modules or ranks than this model's spec; load it with "
-                                   "MoAModel.from_pretrained(base, dir), which builds the spec from its config")
-        mine = peft_tensors_to_moa(self, tensors)
-        own = self.adapter_state_dict()
-        _check_adapter_tensors(own, mine)
-        self.adapters.load_state_dict({k: mine[k] for k in own}, strict=True)
+        """Load adapters saved by :meth:`save_adapters` for the same base model and spec (or a PEFT LoRA
+        directory into a plain-LoRA model)."""
+        adapter_files.load_adapters(self, directory)
 
     def seed_from_peft(self, directory: str | os.PathLike) -> dict[str, int]:
         """Start every LoRA expert of this mixture from a PEFT LoRA at the same projection and rank."""
-        from .interop import seed_experts_from_peft
-
-        return seed_experts_from_peft(self, directory)
+        return adapter_files.seed_from_peft(self, directory)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
@@ -1115,139 +774,17 @@ class MoAModel(nn.Module):
         trained with). With one argument, ``model`` is the directory and the base model is loaded from
         the path its config names (``base_model_name_or_path``, a local directory)."""
         if directory is None:
-            directory, model = model, _load_named_base(pathlib.Path(model))  # type: ignore[arg-type]
-        directory = pathlib.Path(directory)
-        cfg_path = directory / ADAPTER_CONFIG
-        if not cfg_path.exists():
-            from .interop import TRAINER_WEIGHTS, read_trainer_checkpoint
-
-            if (directory / TRAINER_WEIGHTS).exists():
-                if spec is None:
-                    raise AdapterLoadError(f"'{directory}' is a Trainer checkpoint (model.safetensors, no spec inside); "
-                                           "give the spec it was trained with: from_pretrained(base, dir, spec=...)")
-                moa = transform(model, spec, **kwargs)
-                tensors = read_trainer_checkpoint(directory)
-                _check_adapter_tensors(moa.adapter_state_dict(), tensors)
-                moa.adapters.load_state_dict(tensors, strict=True)
-                return moa
-            raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_pretrained, a PEFT "
-                                   "LoRA directory or a Trainer checkpoint")
-        from .interop import read_json
-
-        config = read_json(cfg_path)
-        if "moa_fx" not in config and config.get("peft_type") not in (None, "MOA_FX"):
-            from .interop import read_peft_lora, spec_from_peft_config
-
-            peft_cfg, _ = read_peft_lora(directory)
-            moa = transform(model, spec_from_peft_config(peft_cfg, model), **kwargs)
-            moa.load_adapters(directory)
-            return moa
-        return cls.from_adapters(model, directory, **kwargs)
+            directory, model = model, adapter_files.load_named_base(model)  # type: ignore[arg-type]
+        moa = transform(model, adapter_files.pretrained_spec(model, directory, spec), **kwargs)
+        adapter_files.load_pretrained(moa, directory)
+        return moa
 
     @classmethod
     def from_adapters(cls, model: nn.Module, directory: str | os.PathLike, **kwargs: Any) -> "MoAModel":
         """Transform ``model`` with the spec saved in ``directory`` and load the adapters."""
-        cfg_path = pathlib.Path(directory) / ADAPTER_CONFIG
-        try:
-            spec = spec_from_dict(json.loads(cfg_path.read_text())["moa_fx"]["spec"])
-        except FileNotFoundError:
-            raise AdapterLoadError(f"'{cfg_path}' is missing; point at a directory written by save_adapters") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise AdapterLoadError(f"'{cfg_path}' is not a moa-fx adapter config: {err}") from None
-        moa = transform(model, spec, **kwargs)
+        moa = transform(model, adapter_files.saved_spec(directory), **kwargs)
         moa.load_adapters(directory)
         return moa
-
-
-def _learned_positions(model: nn.Module, config: Any) -> int | None:
-    """The number of positions a model with a learned position table (GPT-2's wpe, OPT's) can embed;
-    None for rotary or other positions that extend past the config's maximum."""
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and module.num_embeddings in (limit, limit + 2) and \
-                module is not getattr(model, "get_input_embeddings", lambda: None)():
-            return limit
-    return None
-
-
-def _check_adapter_tensors(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """Loaded tensors must be exactly this model's adapters: the same names and shapes, finite values."""
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise AdapterLoadError(f"adapter tensors do not match this model: missing {missing[:3]}, unexpected "
-                               f"{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
-    for k, v in own.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
-            raise AdapterLoadError(f"adapter tensor '{k}' has shape {tuple(tensors[k].shape)} but this model "
-                                   f"expects {tuple(v.shape)}: the base model differs from the one it was saved for")
-        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
-            raise AdapterLoadError(f"adapter tensor '{k}' holds NaN or inf; the file is damaged")
-
-
-def _rewrite_name(rewrite: Any) -> str:
-    name = getattr(rewrite, "__name__", "rewrite")
-    return {"_checkpoint_rewrite": "checkpoint_blocks", "<lambda>": "keep_last_logits",
-            "_backbone_rewrite": "keep_hidden"}.get(name, name)
-
-
-def _peft_sites(spec: Spec) -> dict[str, tuple]:
-    """{module path: (ranks, alpha)} of a spec made by interop.spec_from_peft_config (exact paths)."""
-    return {path: (tuple(rule.ranks), float(rule.alpha)) for rule in spec.experts for path in rule.patterns}
-
-
-def _placed_sites(moa: "MoAModel") -> dict[str, tuple]:
-    return {p.site.path: (tuple(p.rule.ranks), float(p.rule.alpha)) for p in moa._first.placements}
-
-
-def _load_named_base(directory: pathlib.Path) -> nn.Module:
-    """The base model an adapter directory names (``base_model_name_or_path``), from a local path."""
-    from .interop import read_json
-
-    cfg_path = directory / ADAPTER_CONFIG
-    name = read_json(cfg_path).get("base_model_name_or_path")
-    if not name or not isinstance(name, str):
-        raise AdapterLoadError(f"'{cfg_path}' names no base model (base_model_name_or_path); give it: "
-                               "from_pretrained(base, dir)")
-    if not pathlib.Path(name).is_dir():
-        raise AdapterLoadError(f"the base model '{name}' that '{cfg_path}' names is not a local directory (nothing is "
-                               "downloaded); load it yourself and call from_pretrained(base, dir)")
-    from transformers import AutoModelForCausalLM
-
-    # safetensors only: a directory named by an untrusted config must not make us unpickle weights
-    return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
-
-
-_PEFT_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "bias",
-                     "fan_in_fan_out")
-
-
-def _canonical(value: Any) -> Any:
-    return sorted(value) if isinstance(value, list) else value
-
-
-def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterLoadError(f"'{path}' is not a readable safetensors file ({err}); it is truncated or "
-                               "damaged (moa-fx never loads pickles)") from None
-
-
-def _check_like(name: str, t: torch.Tensor, want: torch.Tensor) -> None:
-    """Refuse an input whose dtype, rank or static size differs from what the graph was captured with."""
-    autocast = torch.is_autocast_enabled() and t.is_floating_point() and want.is_floating_point()
-    if t.dtype != want.dtype and not autocast:
-        raise InputError(f"input '{name}' has dtype {t.dtype}, but the model was captured with {want.dtype}; "
-                         f"convert it with .to({want.dtype})")
-    if t.dim() != want.dim() or any(isinstance(w, int) and w != s for w, s in zip(want.shape, t.shape)):
-        shape = tuple(d if isinstance(d, int) else "dynamic" for d in want.shape)
-        raise InputError(f"input '{name}' has shape {tuple(t.shape)}, but the model was captured with {shape}")
 
 
 def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
@@ -1259,15 +796,3 @@ def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local
 def _ignore_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
                                     if k.startswith(f"{ADAPTER_ROOT}.") or f".{ADAPTER_ROOT}." in k]
-
-
-def _first_difference(a: Any, b: Any, where: str = "spec") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{where}.{k}")
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{where}[{i}]")
-    return f"{where}: saved {a!r}, this model {b!r}"

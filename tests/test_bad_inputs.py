@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from moa_fx import capture, transform
+from moa_fx.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moa_fx.cli import main
 from moa_fx.errors import AdapterLoadError, InputError, MoaFxError, SiteMatchError, SpecError
-from moa_fx.runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MoAModel
+from moa_fx.runtime import MoAModel
 from moa_fx.sites import find_sites
 from moa_fx.spec import load_spec
 from moa_fx.cli.models import load_model

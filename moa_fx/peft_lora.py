@@ -1,21 +1,25 @@
-"""PEFT and Trainer files in and out of a transformed model, and merging plain LoRA.
+"""PEFT's LoRA in moa-fx terms: its config as a spec and back, its tensor names, seeding and merging.
 
+One job: the correspondence between PEFT's ``LoraConfig``/``LoraModel`` and a transformed model.
+Reading and writing the files is :mod:`moa_fx.adapter_files`' job; nothing here touches a file.
+
+- :func:`is_plain_lora`: whether a spec is what PEFT's LoRA can represent.
+- :func:`lora_config_fields`: the ``LoraConfig`` fields of a plain-LoRA model (what PEFT reads).
+- :func:`check_peft_lora_config`: a PEFT config refused by name when it is another PEFT method or
+  uses a LoRA variant moa-fx does not compute (DoRA, rsLoRA, biases, ...).
 - :func:`spec_from_peft_config`: a moa-fx spec equal to a PEFT ``LoraConfig`` on a given base
   model (PEFT's suffix matching of ``target_modules``, ``rank_pattern`` and ``alpha_pattern``
-  resolved against the model's module names: one LoRA rule per distinct (r, α)).
-- :func:`read_peft_lora`: a PEFT LoRA directory's config and tensors, refused by name when it is
-  another PEFT method or uses a LoRA variant moa-fx does not compute (DoRA, rsLoRA, biases, ...).
-- :func:`peft_tensors_to_moa`: PEFT tensor names → this model's adapter names.
-- :func:`seed_experts_from_peft`: a PEFT LoRA as the starting point of every LoRA expert of a
-  mixture whose shapes match.
-- :func:`read_trainer_checkpoint`: the ``model.safetensors`` the HF Trainer writes for a
-  non-PreTrainedModel (this model's adapters-only ``state_dict``).
-- :func:`merge_lora`: fold router-less LoRA experts into the base weights.
+  resolved against the model's module names: one LoRA rule per distinct (r, α)); :func:`adapts_like`
+  compares one with a model's placements.
+- :func:`peft_names`, :func:`peft_tensors_to_moa`: this model's adapter tensor names ↔ PEFT's.
+- :func:`seed_experts`: a PEFT LoRA's A and B copied into every LoRA expert of a mixture whose shapes match.
+- :func:`merge_lora`: fold router-less LoRA experts into the base weights (PEFT's ``merge_and_unload``).
+- :class:`MoAPeftConfig`: what ``model.peft_config["default"]`` holds.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import pathlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -23,28 +27,87 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import AdapterLoadError, MoaFxError
-from .spec import LoraExpert, RouterSpec, Spec
+from .errors import AdapterLoadError, MoaFxError, SpecError
+from .graph import ADAPTER_ROOT
+from .kinds.lora import LoraDelta
+from .spec import LoraExpert, RouterSpec, Spec, check_pattern, spec_to_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runtime import MoAModel
 
-__all__ = ["spec_from_peft_config", "read_peft_lora", "peft_tensors_to_moa", "seed_experts_from_peft",
-           "read_trainer_checkpoint", "merge_lora", "PEFT_IMPORTABLE"]
+__all__ = ["MoAPeftConfig", "is_plain_lora", "lora_config_fields", "check_peft_lora_config",
+           "spec_from_peft_config", "adapts_like", "peft_names", "peft_tensors_to_moa", "seed_experts", "merge_lora",
+           "PEFT_IMPORTABLE"]
 
 PEFT_IMPORTABLE = ("LORA",)
-TRAINER_WEIGHTS = "model.safetensors"
 # LoraConfig fields whose non-default value changes what the adapter computes
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
-                "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "trainable_token_indices": None,
-                "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None}
+                "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
+                "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
+                "alora_invocation_tokens": None}
+_PEFT_TENSOR = re.compile(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight")
+
+
+@dataclasses.dataclass
+class MoAPeftConfig:
+    """What ``model.peft_config["default"]`` holds: PEFT's common config fields and the spec."""
+
+    peft_type: str
+    task_type: str | None
+    base_model_name_or_path: str | None
+    inference_mode: bool
+    spec: Spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "task_type": self.task_type, "inference_mode": self.inference_mode,
+                "base_model_name_or_path": self.base_model_name_or_path, "moa_fx": {"spec": spec_to_dict(self.spec)}}
+
+
+def is_plain_lora(spec: Spec) -> bool:
+    """One LoRA expert per site, no router: what PEFT's LoRA can represent."""
+    return spec.router.kind == "none" and all(
+        isinstance(e, LoraExpert) and len(e.ranks) == 1 and not e.share_a for e in spec.experts)
+
+
+def lora_config_fields(moa: "MoAModel") -> dict[str, Any]:
+    """The ``LoraConfig`` fields that decide what a plain-LoRA model computes, as PEFT reads them: the
+    first rule's rank and alpha, the other rules' as per-module patterns."""
+    rules = {e.name: e for e in moa.spec.experts}
+    first = moa.spec.experts[0]
+    rank_pattern, alpha_pattern = {}, {}
+    for slot in moa.slots:
+        rule = rules[slot.rule]
+        if rule.r != first.r:
+            rank_pattern[slot.site] = rule.r
+        if rule.alpha != first.alpha:
+            alpha_pattern[slot.site] = rule.alpha
+    return {
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": max(e.dropout for e in moa.spec.experts),
+        "target_modules": sorted({s.site for s in moa.slots}),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": any(p.site.op == "addmm" for p in moa.placements),  # GPT-2's Conv1D
+    }
+
+
+def check_peft_lora_config(cfg: dict, cfg_path: pathlib.Path) -> None:
+    """Refuse a PEFT config (read from ``cfg_path``) that is not plain LoRA."""
+    kind = cfg.get("peft_type")
+    if kind not in PEFT_IMPORTABLE:
+        raise AdapterLoadError(f"'{cfg_path.parent}' holds a PEFT {kind} adapter; moa-fx imports these PEFT methods: "
+                               f"{', '.join(PEFT_IMPORTABLE)} (load other methods with PEFT itself)")
+    for field_name, default in _UNSUPPORTED.items():
+        value = cfg.get(field_name, default)
+        if value not in (default, None, [], {}, False):
+            raise AdapterLoadError(f"'{cfg_path}' uses {field_name} = {value!r}; moa-fx imports plain LoRA only "
+                                   f"({field_name} = {default!r}); load this adapter with PEFT")
 
 
 def _peft_regex(where: str, pattern: str) -> str:
     """A regex from an (untrusted) PEFT config, refused like a spec's before it reaches ``re``."""
-    from .errors import SpecError
-    from .spec import check_pattern
-
     try:
         check_pattern(where, "re:" + pattern)
     except SpecError as err:
@@ -64,45 +127,6 @@ def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def read_json(path: pathlib.Path) -> dict:
-    """A JSON object from an adapter directory, or an AdapterLoadError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterLoadError(f"'{path}' is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"'{path}' is not valid JSON ({err}); the file is damaged") from None
-    if not isinstance(data, dict):
-        raise AdapterLoadError(f"'{path}' does not hold a JSON object")
-    return data
-
-
-def read_peft_lora(directory: str | pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT LoRA directory (safetensors only; never a pickle)."""
-    from .runtime import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _read_safetensors
-
-    directory = pathlib.Path(directory)
-    cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not cfg_path.exists():
-        raise AdapterLoadError(f"'{cfg_path}' is missing; point at a PEFT adapter directory")
-    cfg = read_json(cfg_path)
-    kind = cfg.get("peft_type")
-    if kind not in PEFT_IMPORTABLE:
-        raise AdapterLoadError(f"'{directory}' holds a PEFT {kind} adapter; moa-fx imports these PEFT methods: "
-                               f"{', '.join(PEFT_IMPORTABLE)} (load other methods with PEFT itself)")
-    for field_name, default in _UNSUPPORTED.items():
-        value = cfg.get(field_name, default)
-        if value not in (default, None, [], {}, False):
-            raise AdapterLoadError(f"'{cfg_path}' uses {field_name} = {value!r}; moa-fx imports plain LoRA only "
-                                   f"({field_name} = {default!r}); load this adapter with PEFT")
-    if not w_path.exists():
-        other = directory / "adapter_model.bin"
-        hint = " (it has adapter_model.bin, a pickle moa-fx never loads: convert it to safetensors)" \
-            if other.exists() else ""
-        raise AdapterLoadError(f"'{w_path}' is missing{hint}")
-    return cfg, _read_safetensors(w_path)
 
 
 def spec_from_peft_config(cfg: dict, model: nn.Module) -> Spec:
@@ -142,10 +166,26 @@ def _is_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def adapts_like(moa: "MoAModel", cfg: dict) -> bool:
+    """Whether PEFT's ``cfg`` adapts exactly ``moa``'s modules, with its ranks and alphas."""
+    want = spec_from_peft_config(cfg, moa.model)
+    peft = {path: (tuple(rule.ranks), float(rule.alpha)) for rule in want.experts for path in rule.patterns}
+    return peft == {p.site.path: (tuple(p.rule.ranks), float(p.rule.alpha)) for p in moa.placements}
+
+
+def peft_names(moa: "MoAModel") -> dict[str, str]:
+    """Our adapter tensor names → PEFT's (``base_model.model.<path>.lora_A.weight``), one LoRA expert per site."""
+    names = {}
+    for slot in moa.slots:
+        prefix = slot.module[len(ADAPTER_ROOT) + 1:]
+        for part in ("lora_A", "lora_B"):
+            names[f"{prefix}.{part}"] = f"base_model.model.{slot.site}.{part}.weight"
+    return names
+
+
 def peft_tensors_to_moa(moa: "MoAModel", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT names (``base_model.model.<site>.lora_A.weight``, ``.default`` optional) → adapter names."""
-    names = moa._peft_names()  # ours -> PEFT's, for one LoRA expert per site
-    back = {v: k for k, v in names.items()}
+    back = {v: k for k, v in peft_names(moa).items()}
     out = {}
     for key, value in tensors.items():
         plain = key.replace(".default.weight", ".weight")
@@ -156,15 +196,12 @@ def peft_tensors_to_moa(moa: "MoAModel", tensors: dict[str, torch.Tensor]) -> di
     return out
 
 
-def seed_experts_from_peft(moa: "MoAModel", directory: str | pathlib.Path) -> dict[str, int]:
-    """Copy a PEFT LoRA's A and B into every LoRA expert of ``moa`` at the same projection with the same
-    rank (a mixture starting from one fine-tuned LoRA). Returns {site: experts seeded}."""
-    from .kinds.lora import LoraDelta
-
-    _, tensors = read_peft_lora(directory)
+def seed_experts(moa: "MoAModel", tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Copy a PEFT LoRA's A and B (its tensors) into every LoRA expert of ``moa`` at the same projection
+    with the same rank (a mixture starting from one fine-tuned LoRA). Returns {site: experts seeded}."""
     by_site: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        m = _PEFT_TENSOR.fullmatch(key)
         if m:
             by_site.setdefault(m.group(1), {})[m.group(2)] = value
     seeded: dict[str, int] = {}
@@ -180,27 +217,11 @@ def seed_experts_from_peft(moa: "MoAModel", directory: str | pathlib.Path) -> di
             module.lora_A.copy_(pair["lora_A"])
             module.lora_B.copy_(pair["lora_B"])
             seeded[slot.site] = seeded.get(slot.site, 0) + 1
-    if not seeded:
-        raise AdapterLoadError(f"no LoRA expert of this model has the projection and rank of '{directory}'s LoRA; "
-                               "seeding needs experts of the same rank at the same modules")
     return seeded
-
-
-def read_trainer_checkpoint(directory: pathlib.Path) -> dict[str, torch.Tensor]:
-    """The adapters in a Trainer checkpoint's ``model.safetensors`` (keys ``moa.<name>``), unprefixed."""
-    from .runtime import _read_safetensors
-
-    tensors = _read_safetensors(directory / TRAINER_WEIGHTS)
-    if not tensors or not all(k.startswith("moa.") for k in tensors):
-        raise AdapterLoadError(f"'{directory / TRAINER_WEIGHTS}' does not hold a transformed model's adapters "
-                               "(keys 'moa.<name>'); it is another model's checkpoint")
-    return {k[len("moa."):]: v for k, v in tensors.items()}
 
 
 def merge_lora(moa: "MoAModel") -> nn.Module:
     """Add every LoRA expert's ``s·B·A`` into its projection's weight (router-less specs only)."""
-    from .kinds.lora import LoraDelta
-
     if moa.spec.router.kind != "none":
         raise MoaFxError("a routed mixture of adapters cannot be merged into the base weights: the expert weights "
                          "depend on each token; keep the adapters (save_pretrained) and load them with moa-fx")
@@ -208,7 +229,7 @@ def merge_lora(moa: "MoAModel") -> nn.Module:
     if kinds:
         raise MoaFxError(f"experts of kind {kinds} have no weight to merge into (a parallel adapter or a prompt adds "
                          "computation); only LoRA experts without a router merge")
-    sites = {p.site.path: p.site for p in moa._first.placements}
+    sites = {p.site.path: p.site for p in moa.placements}
     with torch.no_grad():
         for slot in moa.slots:
             module = moa.moa.get_submodule(slot.module.split(".", 1)[1])
