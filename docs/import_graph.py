@@ -208,34 +208,32 @@ def _layered(root: pathlib.Path) -> list[tuple[str, list[str]]]:
 
 
 def _node_id(module: str) -> str:
-    return _short(module).replace(".", "_")
+    return "m_" + _short(module).replace(".", "_")  # prefixed: "graph" is a keyword in both formats
 
 
-def mermaid(root: pathlib.Path) -> str:
-    """A Mermaid flowchart: one subgraph per layer, deferred imports dashed."""
-    lines = ["flowchart TD"]
-    for i, (layer, modules) in enumerate(_layered(root)):
-        lines.append(f'    subgraph L{i}["{layer}"]')
-        lines += [f'        {_node_id(m)}["{_short(m)}"]' for m in modules]
-        lines.append("    end")
+# how each output format writes the parts of the graph
+_FORMATS = {
+    "mermaid": {"head": ["flowchart TD"], "layer": '    subgraph L{i}["{name}"]', "node": '        {id}["{label}"]',
+                "end": "    end", "edge": "    {a} {style} {b}", "solid": "-->", "deferred": "-.->", "tail": []},
+    "dot": {"head": ["digraph moa_fx {", "    rankdir=TB; node [shape=box];"],
+            "layer": '    subgraph cluster_{i} {{ label="{name}";', "node": '        {id} [label="{label}"];',
+            "end": "    }", "edge": "    {a} -> {b}{style};", "solid": "", "deferred": " [style=dashed]",
+            "tail": ["}"]},
+}
+
+
+def draw(root: pathlib.Path, fmt: str = "mermaid") -> str:
+    """The graph as a Mermaid flowchart or Graphviz DOT: one group per layer, deferred imports dashed."""
+    f = _FORMATS[fmt]
+    lines = list(f["head"])
+    for i, (name, modules) in enumerate(_layered(root)):
+        lines.append(f["layer"].format(i=i, name=name))
+        lines += [f["node"].format(id=_node_id(m), label=_short(m)) for m in modules]
+        lines.append(f["end"])
     for e in import_edges(root):
-        arrow = "-.->" if e.deferred else "-->"
-        lines.append(f"    {_node_id(e.importer)} {arrow} {_node_id(e.imported)}")
-    return "\n".join(lines)
-
-
-def dot(root: pathlib.Path) -> str:
-    """The same graph in Graphviz DOT: one cluster per layer, deferred imports dashed."""
-    lines = ["digraph moa_fx {", "    rankdir=TB; node [shape=box];"]
-    for i, (layer, modules) in enumerate(_layered(root)):
-        lines.append(f'    subgraph cluster_{i} {{ label="{layer}";')
-        lines += [f'        {_node_id(m)} [label="{_short(m)}"];' for m in modules]
-        lines.append("    }")
-    for e in import_edges(root):
-        style = " [style=dashed]" if e.deferred else ""
-        lines.append(f"    {_node_id(e.importer)} -> {_node_id(e.imported)}{style};")
-    lines.append("}")
-    return "\n".join(lines)
+        style = f["deferred"] if e.deferred else f["solid"]
+        lines.append(f["edge"].format(a=_node_id(e.importer), b=_node_id(e.imported), style=style))
+    return "\n".join(lines + f["tail"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1],
                         help="the repository root (default: the one holding this script)")
     args = parser.parse_args(argv)
-    print(dot(args.root) if args.dot else mermaid(args.root))
+    print(draw(args.root, "dot" if args.dot else "mermaid"))
     found = problems(args.root)
     print(f"\n{len(found)} problem(s)" + "".join(f"\n  {p}" for p in found))
     return 1 if found else 0
