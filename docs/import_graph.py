@@ -6,8 +6,9 @@
 An edge ``a --> b`` says module ``a`` imports module ``b`` (at module level, inside a function: dashed,
 or under ``if TYPE_CHECKING``), read with :mod:`ast` from the source, nothing imported. ``from p
 import x`` is an edge to ``p.x`` when that is a module, else to ``p``. A package's ``__init__`` that
-Python runs before a submodule is not an edge (the graph holds what a module names), and
-``moa_fx/__init__.py``, the public facade over every layer, is left out.
+Python runs before a submodule is not an edge (the graph holds what a module names).
+``moa_fx/__init__.py``, the public facade over every layer, is left out: ``from moa_fx import
+transform`` is an edge to the module the facade takes ``transform`` from.
 
 The checks (:func:`problems`), each problem one line:
 - ``cycle: a -> b -> a``: modules that import each other, directly or around a loop (a deferred
@@ -78,13 +79,21 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _targets(module: str, is_package: bool, node: ast.AST, known: set[str]) -> list[str]:
-    """The modules of ``known`` that one import statement names."""
+def _facade_sources(root: pathlib.Path) -> dict[str, str]:
+    """Name -> the module ``moa_fx/__init__.py`` imports it from (``transform`` -> ``moa_fx.runtime``)."""
+    tree = ast.parse((root / PACKAGE / "__init__.py").read_text())
+    return {alias.asname or alias.name: _absolute(FACADE, True, node)
+            for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
+def _targets(module: str, is_package: bool, node: ast.AST, known: set[str], facade: dict[str, str]) -> list[str]:
+    """The modules of ``known`` that one import statement names (through the facade for its names)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
         source = _absolute(module, is_package, node)
-        names = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source
+        names = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known
+                 else facade.get(alias.name, source) if source == FACADE else source
                  for alias in node.names]
     return [name for name in names if name in known]
 
@@ -108,12 +117,13 @@ def import_edges(root: pathlib.Path) -> list[Edge]:
     """
     names = module_names(root)
     known = set(names) - {FACADE}
+    facade = _facade_sources(root)
     edges: dict[tuple[str, str], bool] = {}
     for module in sorted(known):
         path = names[module]
         tree = ast.parse(path.read_text(), filename=str(path))
         for node, deferred in _imports(tree):
-            for target in _targets(module, path.name == "__init__.py", node, known | {FACADE}):
+            for target in _targets(module, path.name == "__init__.py", node, known, facade):
                 if target != module:
                     edges[module, target] = edges.get((module, target), True) and deferred
     return [Edge(a, b, d) for (a, b), d in sorted(edges.items())]

@@ -65,15 +65,17 @@ def test_import_graph_follows_layers():
 
 
 def test_import_graph_sees_deferred_imports(tmp_path):
-    """The check reads imports inside functions and relative ones, and finds a cycle through them."""
+    """The check reads imports inside functions, relative ones and the facade's names, and finds a
+    cycle through them."""
     graph = _import_graph()
     package = tmp_path / "moa_fx"
     package.mkdir()
     (package / "__init__.py").write_text("from moa_fx.runtime import x\n")
     (package / "spec.py").write_text("def f():\n    from .runtime import y\n")
     (package / "runtime.py").write_text("from . import spec\n")
-    (package / "stray.py").write_text("")
+    (package / "stray.py").write_text("from moa_fx import x\n")
     assert graph.problems(tmp_path) == ["backward: spec (spec) -> runtime (runtime)",
                                         "cycle: runtime -> spec -> runtime", "unlayered: stray"]
     assert [(e.importer, e.imported, e.deferred) for e in graph.import_edges(tmp_path)] == [
-        ("moa_fx.runtime", "moa_fx.spec", False), ("moa_fx.spec", "moa_fx.runtime", True)]
+        ("moa_fx.runtime", "moa_fx.spec", False), ("moa_fx.spec", "moa_fx.runtime", True),
+        ("moa_fx.stray", "moa_fx.runtime", False)]
