@@ -123,6 +123,7 @@ ENVIRONMENT_FAILURES = ("Address already in use", "Connection refused", "Network
                         "Could not resolve hostname", "No module named torch.distributed.run")
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_match_one_process(tmp_path):
     sys.path.insert(0, str(HERE))
     import _ddp_worker
