@@ -3,8 +3,9 @@
     python docs/import_graph.py            # Mermaid flowchart, one subgraph per layer, then the problems
     python docs/import_graph.py --dot      # the same graph as Graphviz DOT
 
-An edge ``a --> b`` says module ``a`` imports module ``b`` (at module level, inside a function: dashed,
-or under ``if TYPE_CHECKING``), read with :mod:`ast` from the source, nothing imported. ``from p
+An edge ``a --> b`` says module ``a`` imports module ``b``; it is dashed (deferred) when every such
+import is inside a function or under ``if TYPE_CHECKING``. Imports are read with :mod:`ast` from the
+source; nothing is imported. ``from p
 import x`` is an edge to ``p.x`` when that is a module, else to ``p``. A package's ``__init__`` that
 Python runs before a submodule is not an edge (the graph holds what a module names).
 ``moa_fx/__init__.py``, the public facade over every layer, is left out: ``from moa_fx import
