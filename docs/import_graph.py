@@ -7,8 +7,8 @@ An edge ``a --> b`` says module ``a`` imports module ``b``; it is dashed (deferr
 import is inside a function or under ``if TYPE_CHECKING``. Imports are read with :mod:`ast` from the
 source; nothing is imported. ``from p import x`` is an edge to ``p.x`` when that is a module, else
 to ``p``. A package's ``__init__`` that Python runs before a submodule is not an edge (the graph holds
-what a module names). ``moa_fx/__init__.py``, the public facade over every layer, is left out: ``from moa_fx import
-transform`` is an edge to the module the facade takes ``transform`` from.
+what a module names). ``moa_fx/__init__.py``, the public facade over every layer, is left out:
+``from moa_fx import transform`` is an edge to the module the facade takes ``transform`` from.
 
 The checks (:func:`problems`), each problem one line:
 - ``cycle: a -> b -> a``: modules that import each other, directly or around a loop (a deferred
