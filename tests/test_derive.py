@@ -253,6 +253,7 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_cached_graph_compiles_without_recompiling_across_decode_steps():
     import torch._dynamo
     from torch._dynamo.utils import counters

@@ -123,6 +123,7 @@ ENVIRONMENT_FAILURES = ("Address already in use", "Connection refused", "Network
                         "Could not resolve hostname", "No module named torch.distributed.run")
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_match_one_process(tmp_path):
     sys.path.insert(0, str(HERE))
     import _ddp_worker
@@ -159,9 +160,16 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
 # bf16 autocast
 # --------------------------------------------------------------------------------------------------
 
-# bf16 keeps 8 bits of mantissa (relative step 2^-8 ≈ 4e-3); a 2-layer model's loss rounds a handful of
-# times, so 2% of the loss is a loose but meaningful bound (a broken cast is off by far more)
-BF16_REL = 2e-2
+# bf16 is judged against what the experts do, not against the loss: with small adapters the experts
+# move a 2-layer model's loss by ~0.2%, so a bound of 2% of the loss would pass with every expert
+# dropped. Here the adapters move the loss by 2-4% and the logits by O(1); autocast must stay within a
+# quarter of that effect (measured: bf16 is 0.5-12% of the loss effect and 2-10% of the logits'
+# effect; a run without experts is ~100% of it).
+BF16_OF_EFFECT = 0.25
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.float().pow(2).mean().sqrt())
 
 
 @pytest.mark.parametrize("spec", ["adamole", "sparse_moa"])
@@ -169,14 +177,24 @@ def test_bf16_autocast_close_to_fp32(spec):
     from tiny import randomize_adapters
 
     moa = fresh(spec)
-    randomize_adapters(moa, std=0.05)
+    randomize_adapters(moa, std=0.2)
     moa.eval()  # no dropout: the two runs see the same function
     ids = tokens(4, 16, seed=9)
-    want = moa(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        want = moa(input_ids=ids, labels=ids)
+        with moa.disable_adapter():
+            base = moa(input_ids=ids, labels=ids)
+    # the loss is what training sees; the logits too, since the loss averages effects that can cancel
+    loss_effect = abs(float(want.loss) - float(base.loss))
+    logits_effect = _rms(want.logits - base.logits)
+    assert loss_effect > 0.01 * float(want.loss), "the experts barely move the loss: the bound would prove nothing"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moa(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16
-    assert abs(float(out.loss) - float(want)) / float(want) < BF16_REL, (float(out.loss), float(want))
+    loss_error = abs(float(out.loss) - float(want.loss))
+    assert loss_error < BF16_OF_EFFECT * loss_effect, (loss_error, loss_effect)
+    logits_error = _rms(out.logits.float() - want.logits)
+    assert logits_error < BF16_OF_EFFECT * logits_effect, (logits_error, logits_effect)
     out.loss.backward()
     grads = [p.grad for p in moa.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -118,6 +118,7 @@ def test_budget_specs_and_config_errors():
     assert ev.parse_setting("a+b") == ["a", "b"] and ev.setting_kind("a") == "single"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not asset_available(tasks=["sports_understanding"]),
                     reason="SmolLM2 / BIG-bench assets are not cached (see ASSETS.md)")
 def test_real_assets_smoke(tmp_path):

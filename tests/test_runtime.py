@@ -175,6 +175,7 @@ def test_bad_inputs(llama):
         transform(llama, "sparse_moa").merge_adapters()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,lower", [(None, "off"), (None, "grouped"), ("sparse_moa", "auto")])
 def test_compile_fullgraph_matches_eager_without_recompiling(preset, lower):
     import torch._dynamo

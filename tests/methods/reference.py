@@ -1,10 +1,6 @@
 """An independent re-implementation of /work/shared/METHODS.md, used by the method tests.
 
 Map of this module
-- :func:`tiny_model`: a tiny LLaMA or Qwen3 whose base weights are re-drawn at a useful scale
-  (HF's N(0, 0.02) init makes attention uniform and hides mistakes).
-- :func:`randomize_adapters`: every adapter, router and threshold parameter of a transformed model
-  gets random values chosen by its *name* (B ≠ 0, gate_h ≠ 0); an unknown name fails loudly.
 - :class:`SiteMethod` / :class:`BlockMethod`: which METHODS.md equations the reference applies —
   per-projection mixtures (LoRA, MoLE top-k, constant threshold, MoLoRA, HydraLoRA, AdaMoLE) or one
   MoA router per decoder block (Soft / Sparse MoA).
@@ -14,12 +10,13 @@ Map of this module
   ``state_dict``; adapter weights from the transformed model's parameters, looked up by name. It
   records every adapter name it reads (``used``), the per-router selections (``trace``) and the
   balance-loss terms (``aux_terms``).
-- :func:`assert_close`, :func:`loss_and_grads`: comparison helpers.
+- :func:`run_reference`, :func:`assert_matches`, :func:`assert_close`, :func:`assert_far`,
+  :func:`loss_weight`, :func:`loss_and_grads`: running it in fp32 and float64, and comparing.
 
 The equations never touch moa_fx: their only contract with the implementation is the parameter
 names and the router expert ids (``model.routers[key].expert_ids``), both passed in by the tests.
-:func:`built` (a session-wide cache of transformed tiny models, so each spec is captured once for
-the whole suite) is the one place that calls ``moa_fx.transform``.
+The tiny models, their random weights and the cache of transformed models (:func:`tiny.built`)
+are in tests/tiny.py.
 """
 
 from __future__ import annotations
@@ -28,159 +25,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 # fp32 everywhere: the two implementations differ only by summation order (SDPA vs an explicit
 # softmax, fused vs unfused matmuls), which is ~1e-7 relative per op and ~1e-6 after two layers.
 RTOL = 1e-5
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-
-
-# --------------------------------------------------------------------------------------------------
-# Tiny models and random weights
-# --------------------------------------------------------------------------------------------------
-
-
-def tiny_model(family: str, seed: int = 0):
-    """A tiny causal LM with base weights at unit scale (fan-in normal linears, N(0,1) embeddings).
-
-    Qwen3 gets head_dim = 32 ≠ hidden/heads = 16, so head_dim is never inferred from the hidden size.
-    """
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if family == "llama":
-        cfg = tf.LlamaConfig(**TINY)
-    elif family == "qwen3":
-        cfg = tf.Qwen3Config(**TINY, head_dim=32)
-    else:
-        raise KeyError(family)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread while these tests run (imported into each test module).
-
-    The tensors are tiny; with several threads on a shared 2-core machine OpenMP spin-waiting made
-    the suite ~50× slower (measured: 6.5 s vs 0.11 s for one reference run).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-_BASES: dict = {}
-_BUILT: dict = {}
-
-
-@dataclass
-class Built:
-    hf: object  # the base model (its weights are shared with moa, frozen)
-    moa: object  # the MoAModel
-    init_state: dict  # the adapters' state right after transform (for init-equivalence tests)
-
-    @property
-    def params(self) -> dict:
-        return dict(self.moa.adapters.named_parameters())
-
-    @property
-    def expert_ids(self) -> dict:
-        return {k: list(v.expert_ids) for k, v in self.moa.routers.items()}
-
-
-def base_model(family: str):
-    """One tiny base model per family for the whole session (transform shares, never edits, it)."""
-    if family not in _BASES:
-        _BASES[family] = tiny_model(family)
-    return _BASES[family]
-
-
-def built(family: str, key: str, spec_fn) -> Built:
-    """``transform(base_model(family), spec_fn(), fuse=False)``, cached under ``(family, key)``.
-
-    Tests randomise the adapters in place before use; :attr:`Built.init_state` keeps the inits.
-    Without the shared-input fusion: it only reorders sums (one GEMM over stacked weights), but the
-    gradients here carry ~1000× cancellation, so a reordered fp32 sum can pass this file's bound
-    (4× the fp32 reference's own error) on single elements. The fused graph is checked against the
-    unfused one instead: every preset in fp32, and to 1e-10 in float64
-    (tests/passes/test_fuse_shared_input.py), so these equations hold for it too.
-    """
-    if (family, key) not in _BUILT:
-        from moa_fx import transform
-
-        hf = base_model(family)
-        moa = transform(hf, spec_fn(), fuse=False)
-        init = {k: v.detach().clone() for k, v in moa.adapters.state_dict().items()}
-        _BUILT[family, key] = Built(hf, moa, init)
-    return _BUILT[family, key]
-
-
-def tokens(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1, pad: int = 3):
-    """``(input_ids, attention_mask)``; the last row is right-padded by ``pad`` tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if pad:
-        mask[-1, seq - pad:] = 0
-    return ids, mask
-
-
-def _randn(shape, g, std):
-    return torch.randn(shape, generator=g) * std
-
-
-def randomize_adapters(params: dict[str, torch.nn.Parameter], seed: int = 0) -> None:
-    """Random values for every adapter/router/threshold parameter, scaled by its role (by name).
-
-    Scales are picked so every term is visible in the logits: LoRA deltas comparable to the base
-    projection, router logits of order 1-2 (non-uniform gates), thresholds that vary per token.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params.items():
-            leaf = name.rsplit(".", 2)
-            if name.endswith("lora_A"):
-                v = _randn(p.shape, g, 1 / math.sqrt(p.shape[1]))
-            elif name.endswith("lora_B"):
-                v = _randn(p.shape, g, 0.5 / math.sqrt(p.shape[1]))
-            elif ".router." in name and name.endswith("weight"):
-                v = _randn(p.shape, g, 2.0 / math.sqrt(p.shape[1]))
-            elif ".router." in name and name.endswith("bias"):
-                v = _randn(p.shape, g, 0.5)
-            elif ".threshold." in name and name.endswith("weight"):
-                v = _randn(p.shape, g, 2.0 / math.sqrt(p.shape[1]))
-            elif ".threshold." in name and name.endswith("bias"):
-                v = _randn(p.shape, g, 0.5)
-            elif ".pa." in name and name.endswith("weight"):
-                v = _randn(p.shape, g, 1 / math.sqrt(p.shape[1]))
-            elif ".pa." in name and name.endswith("bias"):
-                v = _randn(p.shape, g, 0.1)
-            elif name.endswith("prompt.0.prompt"):
-                v = _randn(p.shape, g, 1.0)
-            elif name.endswith("head_gate"):
-                v = _randn(p.shape, g, 1.0)
-            else:
-                raise AssertionError(f"randomize_adapters does not know parameter {name!r} ({leaf})")
-            p.copy_(v)
-
 
 # --------------------------------------------------------------------------------------------------
 # What the reference computes
@@ -562,6 +412,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: 
     scale = float(expected.detach().abs().max())
     torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rtol, atol=rtol * max(scale, 1e-30),
                                msg=lambda m: f"{what}: {m}")
+
+
+def assert_far(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """``max|actual − expected| > 100·RTOL·max|expected|``: a change far outside the comparisons'
+    tolerance, so a comparison that passes beside it is not vacuous."""
+    scale = float(expected.detach().abs().max())
+    gap = float((actual.detach().double() - expected.detach().double()).abs().max())
+    assert gap > 100 * RTOL * scale, f"{what} (max difference {gap:.3g}, scale {scale:.3g})"
+
+
+def loss_weight(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random ``weight`` for the loss ``Σ logits·weight`` (:func:`loss_and_grads`, :func:`run_reference`)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def loss_and_grads(logits: torch.Tensor, weight: torch.Tensor, params: list[torch.Tensor],

@@ -14,7 +14,9 @@ import torch
 from moa_fx.spec.presets import PRESETS
 from moa_fx.spec.presets import get as preset
 
-from .reference import assert_close, built, single_thread, tokens  # noqa: F401 (autouse fixture)
+from tiny import built, padded_tokens
+
+from .reference import assert_close
 
 
 def _init(name: str):
@@ -26,7 +28,7 @@ def _init(name: str):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_equals_base_at_init(name):
     b = _init(name)
-    ids, mask = tokens(seed=9)
+    ids, mask = padded_tokens(seed=9)
     with torch.no_grad():
         base = b.hf(input_ids=ids, attention_mask=mask).logits
         for mode in ("train", "eval"):  # dropout on a zero B is still zero
