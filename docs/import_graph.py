@@ -4,7 +4,8 @@
     python docs/import_graph.py --dot      # the same graph as Graphviz DOT
 
 An edge ``a --> b`` says module ``a`` imports module ``b``; it is dashed (deferred) when every such
-import is inside a function or under ``if TYPE_CHECKING``. Imports are read with :mod:`ast` from the
+import is inside a function. Imports under ``if TYPE_CHECKING:`` are left out: they name types for
+annotations and never run (a kind's ``insert`` is typed by the pass's ``Emitter`` without depending on it). Imports are read with :mod:`ast` from the
 source; nothing is imported. ``from p import x`` is an edge to ``p.x`` when that is a module, else
 to ``p``. A package's ``__init__`` that Python runs before a submodule is not an edge (the graph holds
 what a module names). ``moa_fx/__init__.py``, the public facade over every layer, is left out:
@@ -29,24 +30,24 @@ import sys
 from typing import NamedTuple
 
 # Layers in order: a module may import modules of its own layer and of earlier ones, never of a later
-# one. Read top to bottom this is the compiler's flow, capture → spec → sites → passes → runtime → cli
-# and eval, with one layer under it for what every layer uses. ops/kernels (what graph nodes call:
-# routing, the adapter modules, the fused ops) sit under passes, not after them: a pass imports the op
-# it emits a call to, and an op imports no pass. Patterns are fnmatch globs over dotted module names;
+# one. Read top to bottom this is the compiler's flow, capture → spec → kinds → sites → passes → runtime
+# → cli and eval, over two layers every layer uses: the foundation, and ops/kernels (what graph nodes
+# call: routing, combines, the fused ops and the router modules; pure tensor code that imports no
+# pass, so a pass can import the op it emits a call to). Expert kinds come after spec (each kind's spec
+# class registers with the parser) and before sites (a kind names the site pool it is placed on). Patterns are fnmatch globs over dotted module names;
 # the first row that matches a module places it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("moa_fx.errors", "moa_fx.fileio", "moa_fx.graph")),
+    ("ops/kernels", ("moa_fx.ops", "moa_fx.ops.*", "moa_fx.modules", "moa_fx.kernels", "moa_fx.kernels.*")),
     ("capture", ("moa_fx.capture",)),
-    ("spec", ("moa_fx.spec", "moa_fx.spec.*", "moa_fx.presets")),
+    ("spec", ("moa_fx.spec", "moa_fx.spec.*")),
+    ("kinds", ("moa_fx.kinds", "moa_fx.kinds.*")),
     ("sites", ("moa_fx.sites", "moa_fx.sites.*")),
-    ("ops/kernels", ("moa_fx.ops", "moa_fx.ops.*", "moa_fx.routing", "moa_fx.modules", "moa_fx.kernels",
-                     "moa_fx.kernels.*")),
-    ("passes", ("moa_fx.passes", "moa_fx.passes.*", "moa_fx.kinds", "moa_fx.kinds.*")),
+    ("passes", ("moa_fx.passes", "moa_fx.passes.*")),
     ("runtime", ("moa_fx.runtime", "moa_fx.runtime.*", "moa_fx.derive", "moa_fx.inputs", "moa_fx.kv_cache",
-                 "moa_fx.adapter_files", "moa_fx.peft_lora", "moa_fx.interop", "moa_fx.graph_export",
+                 "moa_fx.adapter_files", "moa_fx.peft_lora", "moa_fx.graph_export",
                  "moa_fx.train", "moa_fx.train.*", "moa_fx.data", "moa_fx.data.*")),
-    ("cli and eval", ("moa_fx.cli", "moa_fx.cli.*", "moa_fx.eval", "moa_fx.eval.*", "moa_fx.evaluate",
-                      "moa_fx.tasks", "moa_fx.assets")),
+    ("cli and eval", ("moa_fx.cli", "moa_fx.cli.*", "moa_fx.eval", "moa_fx.eval.*")),
 )
 
 PACKAGE = "moa_fx"
@@ -56,7 +57,7 @@ FACADE = PACKAGE  # moa_fx/__init__.py: re-exports the public names of every lay
 class Edge(NamedTuple):
     importer: str
     imported: str
-    deferred: bool  # inside a function (or under TYPE_CHECKING): not run when the importer loads
+    deferred: bool  # inside a function: not run when the importer loads
 
 
 def module_names(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -99,13 +100,17 @@ def _targets(module: str, is_package: bool, node: ast.AST, known: set[str], faca
 
 
 def _imports(tree: ast.AST):
-    """``(import node, deferred)`` for every import statement of a module."""
+    """``(import node, deferred)`` for every import statement of a module that can run (the body of
+    ``if TYPE_CHECKING:`` never does)."""
     def walk(node: ast.AST, deferred: bool):
         for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    yield from walk(ast.Module(body=[other], type_ignores=[]), deferred)
+                continue
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 yield child, deferred
-            inner = deferred or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
-                isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+            inner = deferred or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             yield from walk(child, inner)
     yield from walk(tree, False)
 
