@@ -107,7 +107,8 @@ class Derived:
     seconds: float = 0.0
 
     @property
-    def extras(self) -> list[tuple[str, str]]:
+    def extras(self) -> list[tuple[str, str, str]]:
+        """(kind, node name, router key) of each router output after the user outputs."""
         return list(self.gm.meta.get(EXTRAS_KEY, []))
 
     @property

@@ -43,7 +43,7 @@ FUSION_KEY = "moa_fx.fusion"  # {"readers", "sizes"} on a shared-input GEMM (fus
 CACHE_KEY = "moa_fx.cache"  # ("key" | "value", layer) on a cached capture's past inputs and new entries
 # gm.meta keys
 NUM_OUTPUTS_KEY = "moa_fx.num_outputs"  # how many of the graph's outputs are the model's own (capture)
-EXTRAS_KEY = "moa_fx.extras"  # [(kind, node name)]: the router outputs appended after them (cleanup)
+EXTRAS_KEY = "moa_fx.extras"  # [(kind, node name, router key)]: the router outputs after the user's (cleanup)
 _FAKE_MODE_KEY = "_moa_fx_fake_mode"  # the fake mode of the graph's values, found once (fake_value)
 ADAPTER_ROOT = "moa"
 

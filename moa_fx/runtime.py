@@ -162,7 +162,7 @@ class MoAModel(nn.Module):
         self._cache_tag = uuid.uuid4().hex  # marks the caches this model filled
         self._max_positions = learned_positions(model, cap.config)
         self._last: Derived = first
-        self._stats: list[torch.Tensor] = []
+        self._stats: dict[str, torch.Tensor] = {}  # router key -> its statistics vector, last forward
         self.aux_loss: torch.Tensor | None = None
         # state_dict() holds the adapters only: the frozen base belongs to the base model (and its
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
@@ -498,8 +498,8 @@ class MoAModel(nn.Module):
         n = derived.num_outputs
         user, extras = list(outputs[:n]), outputs[n:]
         kinds = derived.extras
-        aux_terms = [t for (kind, _), t in zip(kinds, extras) if kind == "aux"]
-        self._stats = [t for (kind, _), t in zip(kinds, extras) if kind == "stats"]
+        aux_terms = [t for (kind, _, _), t in zip(kinds, extras) if kind == "aux"]
+        self._stats = {key: t for (kind, _, key), t in zip(kinds, extras) if kind == "stats"}
         self.aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
         self._last = derived
         return user
@@ -671,11 +671,8 @@ class MoAModel(nn.Module):
         from .graph import layer_index
 
         out: dict[str, dict[str, Any]] = {}
-        stats_iter = iter(self._stats)
-        for key, info in self._last.routers.items():
-            vec = next(stats_iter, None)
-            if vec is None:
-                break
+        for key, vec in self._stats.items():
+            info = self._last.routers[key]
             e = len(info.expert_ids)
             values = vec.detach().float().cpu().tolist()
             rate, gate, tau = values[:e], values[e:2 * e], values[2 * e]

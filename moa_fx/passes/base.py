@@ -85,7 +85,7 @@ class PassContext:
     records: list[PassRecord] = field(default_factory=list)
     slots: list[ExpertSlot] = field(default_factory=list)
     routers: dict[str, RouterInfo] = field(default_factory=dict)
-    extra_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, node name)
+    extra_outputs: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, node name, router key)
     combines: dict[str, str] = field(default_factory=dict)  # anchor -> its combine node (insert_routers)
     lowering: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> chosen form and reason
 

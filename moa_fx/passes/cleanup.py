@@ -21,11 +21,11 @@ def cleanup(ctx: PassContext) -> None:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     num_user = ctx.gm.meta[NUM_OUTPUTS_KEY]
     user_outputs = tuple(output.args[0][:num_user])
-    extras = tuple(ctx.node(name) for _, name in ctx.extra_outputs)
+    extras = tuple(ctx.node(name) for _, name, _ in ctx.extra_outputs)
     output.args = (user_outputs + extras,)
-    ctx.gm.meta[EXTRAS_KEY] = [(kind, name) for kind, name in ctx.extra_outputs]
+    ctx.gm.meta[EXTRAS_KEY] = list(ctx.extra_outputs)
     graph.eliminate_dead_code()
     graph.lint()
     ctx.gm.recompile()
-    ctx.records.append(PassRecord(PASS, "", [name for _, name in ctx.extra_outputs],
+    ctx.records.append(PassRecord(PASS, "", [name for _, name, _ in ctx.extra_outputs],
                                   f"{len(extras)} router outputs exposed"))

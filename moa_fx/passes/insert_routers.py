@@ -106,9 +106,9 @@ def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
                                                     f"{spec.select} selection", experts=num))
     info = RouterInfo(key=key, expert_ids=ids, logits=logits.name, tau=tau.name if tau is not None else None,
                       weights=w.name, stats=stats.name, aux=aux.name if aux is not None else None)
-    ctx.extra_outputs.append(("stats", stats.name))
+    ctx.extra_outputs.append(("stats", stats.name, key))
     if aux is not None:
-        ctx.extra_outputs.append(("aux", aux.name))
+        ctx.extra_outputs.append(("aux", aux.name, key))
     return info
 
 
