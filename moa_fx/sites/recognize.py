@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import layer_index, module_path, module_paths
+from ..graph import CACHE_KEY, layer_index, module_path, module_paths
 
 __all__ = [
     "LinearSite",
@@ -196,7 +196,7 @@ def span_site(gm: fx.GraphModule, path: str) -> SpanSite | None:
     # as a cache entry, not as the span's output
     outputs = [n for n in nodes if any(u not in inside for u in n.users) and isinstance(n.meta.get("val"), torch.Tensor)
                and not (n.target in _CASTS and isinstance(n.args[0], fx.Node) and n.args[0] not in inside)
-               and not n.meta.get("moa_fx.cache")]
+               and not n.meta.get(CACHE_KEY)]
     if len(outputs) != 1:
         return None
     out = outputs[0]
