@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .kernels import grouped_lora, lora_expand, lora_mixture
 
-__all__ = ["route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
+__all__ = ["prompt_projection", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
            "shared_input_projection", "expand_lora_site", "lora_from_projection", "router_from_projection",
            "threshold_from_projection"]
 
@@ -184,3 +184,18 @@ def router_from_projection(z: torch.Tensor, bias: torch.Tensor | None, w2: torch
 def threshold_from_projection(z: torch.Tensor, bias: torch.Tensor, tau_max: float) -> torch.Tensor:
     """``τ = τ_max·sigmoid(z + b)`` for ``z = W_t x``."""
     return tau_max * torch.sigmoid(z + bias.to(z.dtype))
+
+
+# --- prompt experts ---------------------------------------------------------------------------------
+
+
+def prompt_projection(prompt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,
+                      width: int, transposed: bool = False) -> torch.Tensor:
+    """``P·W[offset:offset+width]ᵀ (+ b)``: the prompts through the key (or value) rows of a frozen
+    projection, (L, width); ``offset`` selects the block of a fused qkv weight, ``transposed`` reads
+    a (d_in, d_out) weight (GPT-2's Conv1D)."""
+    if transposed:
+        weight = weight.t()
+    weight = weight[offset:offset + width]
+    bias = bias[offset:offset + width] if bias is not None else None
+    return F.linear(prompt.to(weight.dtype), weight, bias)

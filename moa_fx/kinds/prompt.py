@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..graph import shaped_like
 from ..spec import PromptExpert
 from .registry import ExpertKind, register
@@ -29,21 +29,9 @@ from .registry import ExpertKind, register
 if TYPE_CHECKING:
     from ..sites import AttentionSite, PromptOp
 
-__all__ = ["PromptKind", "PromptDelta", "prompt_projection"]
+__all__ = ["PromptKind", "PromptDelta"]
 
 aten = torch.ops.aten
-
-
-def prompt_projection(prompt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int,
-                      width: int, transposed: bool = False) -> torch.Tensor:
-    """``P·W[offset:offset+width]ᵀ (+ b)``: the prompts through the key (or value) rows of a frozen
-    projection, (L, width); ``offset`` selects the block of a fused qkv weight, ``transposed`` reads
-    a (d_in, d_out) weight (GPT-2's Conv1D). A graph target of the prompt expert."""
-    if transposed:
-        weight = weight.t()
-    weight = weight[offset:offset + width]
-    bias = bias[offset:offset + width] if bias is not None else None
-    return F.linear(prompt.to(weight.dtype), weight, bias)
 
 
 class PromptDelta(nn.Module):
@@ -51,7 +39,7 @@ class PromptDelta(nn.Module):
 
     ``O_P = gate_h · softmax(q·k_Pᵀ/√hd) · v_P`` with the prompts' keys and values given as
     (L, kv_heads·hd). The graph computes them (:meth:`PromptKind.insert`):
-    ``k_P = k_proj(P)``, ``v_P = v_proj(P)`` through the frozen projections (:func:`prompt_projection`,
+    ``k_P = k_proj(P)``, ``v_P = v_proj(P)`` through the frozen projections (:func:`moa_fx.ops.prompt_projection`,
     at ``k_offset`` / ``v_offset`` of a fused weight), then through every module the model's own
     keys (values) pass on their way to attention that reads nothing but them (Qwen3's ``k_norm``,
     as the official MoA Qwen3 code does); no RoPE on k_P. GQA by repeating the kv heads, softmax
@@ -106,7 +94,7 @@ class PromptKind(ExpertKind):
                                                     ("value", site.v_weight, site.v_bias, site.v_offset, site.v_ops)):
                 w = make("get_attr", weight, (), f"frozen {what} projection")
                 b = make("get_attr", bias, (), f"frozen {what} projection") if bias is not None else None
-                x = make("call_function", prompt_projection,
+                x = make("call_function", ops.prompt_projection,
                          (prompt, w, b, offset, site.kv_heads * site.head_dim, site.transposed), f"prompt {what}s")
                 for op in ops:
                     x = _replay(op, x, rule.length, site, make, emit)
