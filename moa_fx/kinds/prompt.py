@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .. import ops
+from ..ops import prompt_projection
 from ..graph import shaped_like
 from ..spec import PromptExpert
 from .registry import ExpertKind, register
@@ -94,7 +94,7 @@ class PromptKind(ExpertKind):
                                                     ("value", site.v_weight, site.v_bias, site.v_offset, site.v_ops)):
                 w = make("get_attr", weight, (), f"frozen {what} projection")
                 b = make("get_attr", bias, (), f"frozen {what} projection") if bias is not None else None
-                x = make("call_function", ops.prompt_projection,
+                x = make("call_function", prompt_projection,
                          (prompt, w, b, offset, site.kv_heads * site.head_dim, site.transposed), f"prompt {what}s")
                 for op in ops:
                     x = _replay(op, x, rule.length, site, make, emit)
