@@ -35,9 +35,11 @@ from moa_fx.kernels.lora_mixture import (
     device_guard,
     dot_in_fp32,
     dot_precision,
+    fake_like_y,
     next_power_of_2,
     resolve_backend,
     runnable_kernel,
+    save_operands,
     tl,
     triton,
 )
@@ -181,9 +183,7 @@ def _grouped_lora_op(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights
     return grouped_lora_reference(y, x, a_cat, b_cat, weights, ranks, scales)
 
 
-@_grouped_lora_op.register_fake
-def _(y, x, a_cat, b_cat, weights, ranks, scales, backend):
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
+_grouped_lora_op.register_fake(fake_like_y)
 
 
 @torch.library.custom_op("moa_fx::grouped_lora_backward", mutates_args=())
@@ -243,12 +243,6 @@ def _(grad, x, a_cat, b_cat, weights, ranks, scales, needs):
     return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip((x, a_cat, b_cat, weights), needs))
 
 
-def _setup_context(ctx, inputs, output):
-    y, x, a_cat, b_cat, weights, ranks, scales, backend = inputs
-    ctx.save_for_backward(x, a_cat, b_cat, weights)
-    ctx.ranks, ctx.scales = ranks, scales
-
-
 def _grouped_lora_backward_autograd(ctx, grad):
     x, a_cat, b_cat, weights = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[1:5]]
@@ -260,7 +254,7 @@ def _grouped_lora_backward_autograd(ctx, grad):
     return (dy, *grads, None, None, None)
 
 
-_grouped_lora_op.register_autograd(_grouped_lora_backward_autograd, setup_context=_setup_context)
+_grouped_lora_op.register_autograd(_grouped_lora_backward_autograd, setup_context=save_operands)
 
 
 def grouped_lora(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from moa_fx.errors import KernelError
 from moa_fx.kernels.lora_mixture import (check_2d_float, device_guard, dot_in_fp32, dot_precision, expand_backward,
-                                         next_power_of_2, resolve_backend, runnable_kernel, triton)
+                                         fake_like_y, next_power_of_2, resolve_backend, runnable_kernel,
+                                         save_operands, triton)
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
 
 __all__ = ["lora_expand", "lora_expand_forward"]
@@ -118,15 +119,7 @@ def _lora_expand_op(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks:
     return lora_expand_reference(y, z, b_cat, weights, ranks, scales)
 
 
-@_lora_expand_op.register_fake
-def _(y, z, b_cat, weights, ranks, scales, backend):
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    y, z, b_cat, weights, ranks, scales, backend = inputs
-    ctx.save_for_backward(z, b_cat, weights)
-    ctx.ranks, ctx.scales = ranks, scales
+_lora_expand_op.register_fake(fake_like_y)
 
 
 def _backward(ctx, grad):
@@ -138,7 +131,7 @@ def _backward(ctx, grad):
     return (grad if needs[0] else None), dz, db, dw, None, None, None
 
 
-_lora_expand_op.register_autograd(_backward, setup_context=_setup_context)
+_lora_expand_op.register_autograd(_backward, setup_context=save_operands)
 
 
 def lora_expand(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Sequence[int],

@@ -14,7 +14,8 @@ Map, in the order of STYLE item 9:
 Shared with ``grouped_lora.py`` and ``lora_expand.py``: the optional Triton import, backend choice
 (:func:`resolve_backend`, :func:`runnable_kernel`), dot precision (:func:`dot_precision`,
 :func:`dot_in_fp32`), :func:`next_power_of_2` and :func:`device_guard`; input checks
-(:func:`check_inputs` for grouped_lora, :func:`check_2d_float` for lora_expand); and, with
+(:func:`check_inputs` for grouped_lora, :func:`check_2d_float` for lora_expand); every op's fake
+(:func:`fake_like_y`) and ``setup_context`` (:func:`save_operands`); and, with
 lora_expand only, the kernel helper ``_gate_expand_store`` and the backward :func:`expand_backward`.
 """
 
@@ -311,15 +312,20 @@ def _lora_mixture_op(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights
     return lora_mixture_reference(y, x, a_cat, b_cat, weights, ranks, scales)
 
 
-@_lora_mixture_op.register_fake
-def _(y, x, a_cat, b_cat, weights, ranks, scales, backend):
+def fake_like_y(y: Tensor, *rest) -> Tensor:
+    """The fake of every fused op here: a fresh contiguous tensor shaped like ``y``, the output."""
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    y, x, a_cat, b_cat, weights, ranks, scales, backend = inputs
-    ctx.save_for_backward(x, a_cat, b_cat, weights)
+def save_operands(ctx, inputs, output):
+    """``setup_context`` of the fused ops: save every tensor operand after ``y`` (y's gradient is
+    the output's) and the static ranks and scales. Inputs are ``(y, *tensors, ranks, scales, backend)``."""
+    *tensors, ranks, scales, _backend = inputs[1:]
+    ctx.save_for_backward(*tensors)
     ctx.ranks, ctx.scales = ranks, scales
+
+
+_lora_mixture_op.register_fake(fake_like_y)
 
 
 def _lora_mixture_backward_autograd(ctx, grad):
@@ -370,7 +376,7 @@ def expand_backward(grad, z, b_cat, weights, ranks, scales, *, need_z: bool, nee
     return dz, db, dw
 
 
-_lora_mixture_op.register_autograd(_lora_mixture_backward_autograd, setup_context=_setup_context)
+_lora_mixture_op.register_autograd(_lora_mixture_backward_autograd, setup_context=save_operands)
 
 
 def lora_mixture(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
