@@ -18,37 +18,11 @@ from moa_fx.kernels.reference import active_pairs
 from .test_lora_mixture import (
     CASE_IDS,
     CASES,
-    DTYPES,
     FP32_TOL,
-    Case,
-    check_op,
     compile_and_check,
     make_inputs,
-    needs_cuda,
     needs_triton,
 )
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_torch_path_matches_oracles(case, dtype):
-    check_op(grouped_lora, case, dtype, backend="torch", mask_weight_grad=True)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_triton_interpreter_matches_oracles(case, dtype):
-    check_op(grouped_lora, case, dtype, backend="triton", mask_weight_grad=True)
-
-
-@needs_triton
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES + [Case("large", 300, 256, 192, (4, 8, 16, 64), "mixed")],
-                         ids=CASE_IDS + ["large"])
-def test_cuda_triton_matches_oracles(case, dtype):
-    check_op(grouped_lora, case, dtype, backend="triton", device="cuda", mask_weight_grad=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

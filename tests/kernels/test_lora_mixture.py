@@ -170,28 +170,6 @@ def check_op(op, case: Case, dtype, backend, device="cpu", mask_weight_grad=Fals
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_torch_path_matches_oracles(case, dtype):
-    check_op(lora_mixture, case, dtype, backend="torch")
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_triton_interpreter_matches_oracles(case, dtype):
-    check_op(lora_mixture, case, dtype, backend="triton")
-
-
-@needs_triton
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES + [Case("large", 300, 256, 192, (4, 8, 16, 64), "mixed")],
-                         ids=CASE_IDS + ["large"])
-def test_cuda_triton_matches_oracles(case, dtype):
-    check_op(lora_mixture, case, dtype, backend="triton", device="cuda")
-
-
 def test_noncontiguous_inputs_and_fp16():
     case = CASES[1]
     (y, x, a_cat, b_cat, weights), scales = make_inputs(case, torch.float16)
