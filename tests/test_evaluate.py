@@ -93,6 +93,20 @@ def test_cli_quick_and_report_from(tmp_path, monkeypatch, capsys):
     assert "sparse_moa · parity+compare" in capsys.readouterr().out
 
 
+def test_a_generation_task_is_scored_by_exact_match_in_the_harness():
+    """A mixture of a multiple-choice task and a free-text one: zero-shot by the base model's generate,
+    after training by the MoAModel's; no first-choice share for the free-text task, chance 0."""
+    cfg = ev.quick_config(methods=("lora",), settings=("parity+successor",), seeds=(0,), steps=2,
+                          eval_examples=8, active_examples=4)
+    results = ev.run_evaluation(cfg)
+    zero = results["zero_shot"]
+    assert zero["chance"] == {"parity": 0.5, "successor": 0.0}
+    (run,) = results["runs"]
+    assert set(run["accuracy"]) == {"parity", "successor"} and set(run["first_choice_share"]) == {"parity"}
+    assert all(0.0 <= a <= 1.0 for a in list(run["accuracy"].values()) + list(zero["accuracy"].values()))
+    assert "exact match" in ev.markdown_report(results)
+
+
 def test_the_compiler_and_the_cli_do_not_import_the_harness():
     """moa_fx.eval sits behind the [eval] extra: importing the package, the CLI or the trainer loads none of it."""
     import subprocess
