@@ -107,6 +107,29 @@ def test_a_generation_task_is_scored_by_exact_match_in_the_harness():
     assert "exact match" in ev.markdown_report(results)
 
 
+def test_generated_answers_of_a_moa_model():
+    """With B = 0 the MoAModel's generate answers as the base model's; with non-zero adapters the
+    answers change and still do not depend on the batch (left padding is masked in the graph)."""
+    import torch
+
+    from moa_fx import transform
+    from moa_fx.eval import tasks as T
+
+    base, tokenizer = ev.load_model("tiny")
+    examples = T.examples_from_task_dict(ev.synthetic_task_dicts()["successor"], name="successor")[:10]
+    before = T.generate_answers(base, tokenizer, examples, batch_size=4)
+    moa = transform(base, ev.budget_spec("lora"))
+    assert T.generate_answers(moa, tokenizer, examples, batch_size=4) == before
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in moa.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5)
+    after = T.generate_answers(moa, tokenizer, examples, batch_size=4)
+    assert after != before
+    assert T.generate_answers(moa, tokenizer, examples, batch_size=1) == after
+
+
 def test_the_compiler_and_the_cli_do_not_import_the_harness():
     """moa_fx.eval sits behind the [eval] extra: importing the package, the CLI or the trainer loads none of it."""
     import subprocess
