@@ -83,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         options["tasks"] = args.tasks
     cfg = survey.SurveyConfig(**options)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     out = pathlib.Path(args.out)
     stages = len(cfg.tasks) * (2 if args.pilot else 1)
-    columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns) as progress:
         reporter = RichReporter(progress, stages, args.log)
         reporter.log(f"survey of {len(cfg.tasks)} tasks{' with pilots (' + cfg.recipe() + ')' if args.pilot else ''} "

@@ -31,12 +31,13 @@ import collections
 import dataclasses
 import gc
 import json
+import os
 import pathlib
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,8 +46,10 @@ from moa_fx.errors import InputError
 from moa_fx.eval import evaluate as ev
 from moa_fx.eval import tasks as T
 from moa_fx.fileio import atomic_write_json
-from moa_fx.spec import Spec
 from moa_fx.train import Schedule, StepReport, fit, make_optimizer
+
+if TYPE_CHECKING:
+    from moa_fx.spec import Spec
 
 __all__ = [
     "CANDIDATES",
@@ -236,6 +239,7 @@ def pilot(base, tokenizer, data: TaskData, cfg: SurveyConfig,
     reshuffled with ``cfg.seed``, loss on the answer tokens) and score ``data.test`` after."""
     from moa_fx import transform
 
+    loadavg = os.getloadavg()  # step times are comparable only on an equally loaded machine
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     moa = transform(base, pilot_spec())
@@ -270,7 +274,8 @@ def pilot(base, tokenizer, data: TaskData, cfg: SurveyConfig,
     return {
         **_scores(predictions, data.test), "trainable": trainable, "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         "losses": [round(x, 4) for x in losses], "step_time_median_s": statistics.median(timed),
-        "transform_s": transform_s, "train_s": train_s, "eval_s": eval_s,
+        "transform_s": transform_s, "train_s": train_s, "eval_s": eval_s, "threads": torch.get_num_threads(),
+        "loadavg_at_start": loadavg,
     }
 
 
