@@ -49,6 +49,8 @@ class RichReporter(survey.Reporter):
 
     def step(self, report) -> None:
         self.progress.update(self.steps, completed=report.step, description=f"step loss {report.loss:.3f}")
+        if not self.progress.console.is_terminal and report.step % 25 == 0:  # no live bar in a log file
+            self.log(f"  step {report.step}: loss {report.loss:.4f} ({report.seconds:.2f} s)")
 
     def done(self, task: str, stage: str) -> None:
         self.progress.advance(self.tasks)
