@@ -93,6 +93,43 @@ def test_cli_quick_and_report_from(tmp_path, monkeypatch, capsys):
     assert "sparse_moa · parity+compare" in capsys.readouterr().out
 
 
+def test_a_generation_task_is_scored_by_exact_match_in_the_harness():
+    """A mixture of a multiple-choice task and a free-text one: zero-shot by the base model's generate,
+    after training by the MoAModel's; no first-choice share for the free-text task, chance 0."""
+    cfg = ev.quick_config(methods=("lora",), settings=("parity+successor",), seeds=(0,), steps=2,
+                          eval_examples=8, active_examples=4)
+    results = ev.run_evaluation(cfg)
+    zero = results["zero_shot"]
+    assert zero["chance"] == {"parity": 0.5, "successor": 0.0}
+    (run,) = results["runs"]
+    assert set(run["accuracy"]) == {"parity", "successor"} and set(run["first_choice_share"]) == {"parity"}
+    assert all(0.0 <= a <= 1.0 for a in list(run["accuracy"].values()) + list(zero["accuracy"].values()))
+    assert "exact match" in ev.markdown_report(results)
+
+
+def test_generated_answers_of_a_moa_model():
+    """With B = 0 the MoAModel's generate answers as the base model's; with non-zero adapters the
+    answers change and still do not depend on the batch (left padding is masked in the graph)."""
+    import torch
+
+    from moa_fx import transform
+    from moa_fx.eval import tasks as T
+
+    base, tokenizer = ev.load_model("tiny")
+    examples = T.examples_from_task_dict(ev.synthetic_task_dicts()["successor"], name="successor")[:10]
+    before = T.generate_answers(base, tokenizer, examples, batch_size=4)
+    moa = transform(base, ev.budget_spec("lora"))
+    assert T.generate_answers(moa, tokenizer, examples, batch_size=4) == before
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in moa.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5)
+    after = T.generate_answers(moa, tokenizer, examples, batch_size=4)
+    assert after != before
+    assert T.generate_answers(moa, tokenizer, examples, batch_size=1) == after
+
+
 def test_the_compiler_and_the_cli_do_not_import_the_harness():
     """moa_fx.eval sits behind the [eval] extra: importing the package, the CLI or the trainer loads none of it."""
     import subprocess

@@ -11,13 +11,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moa_fx.errors import AssetError, InputError
 from moa_fx.eval.tasks import (
+    GenerationExample,
     TaskExample,
     accuracy,
+    chance,
+    drop_long_prompts,
     encode_for_training,
     examples_from_task_dict,
+    generate_answers,
+    is_correct,
     mixture,
+    predict,
     score_choices,
     split,
+    train_val_test,
     winowhy_group,
 )
 
@@ -101,7 +108,11 @@ def test_appended_choices_use_choice_prefix():
     "raw, message",
     [
         ({"input": "x", "target_scores": {"a": 1, "b": 1}}, "share the top score"),
-        ({"input": "x", "target": "a"}, "target_scores"),
+        ({"input": "x"}, "'target_scores' .* or a 'target'"),
+        ({"input": "x", "target_scores": {"a": 1}}, "at least two choices"),
+        ({"input": "x", "target": []}, "non-empty list"),
+        ({"input": "x", "target": ["a", " "]}, "non-blank"),
+        ({"input": "x", "target": 3}, "must be a non-blank string"),
     ],
 )
 def test_unsupported_examples_are_rejected(raw, message):
@@ -109,8 +120,36 @@ def test_unsupported_examples_are_rejected(raw, message):
         examples_from_task_dict({"examples": [raw]}, name="toy")
 
 
+def test_free_text_targets_make_generation_examples():
+    task = {
+        "task_prefix": "Plural.",
+        "examples": [
+            {"input": "cat", "target": "cats"},
+            {"input": "ox", "target": ["oxen", "oxes"]},
+            # target_scores wins where both are given: the example stays multiple choice
+            {"input": "dog", "target": "dogs", "target_scores": {"dogs": 1, "doges": 0}},
+        ],
+    }
+    gen, alias, choice = examples_from_task_dict(task, name="plural")
+    assert gen == GenerationExample(prompt="Plural.\nQ: cat\nA:", targets=(" cats",), task="plural")
+    assert alias.targets == (" oxen", " oxes") and alias.answer_text == " oxen"
+    assert isinstance(choice, TaskExample) and choice.answer_text == " dogs"
+    # no trailing space in the prompt: the targets are kept as written
+    (bare,) = examples_from_task_dict({"example_output_prefix": "=", "examples": [{"input": "1+1", "target": "2"}]})
+    assert bare.prompt == "\nQ: 1+1=" and bare.targets == ("2",)
+
+
 # --------------------------------------------------------------------------
 # Training tensors
+
+
+def test_generation_examples_train_on_the_first_target(tokenizer):
+    example = GenerationExample(prompt="Q: ox?\nA:", targets=(" oxen", " oxes"))
+    batch = encode_for_training(tokenizer, [example], max_len=64)
+    prompt_ids = tokenizer(example.prompt)["input_ids"]
+    assert tokenizer.decode(batch["input_ids"][0]) == "Q: ox?\nA: oxen"  # prompt + " " + target
+    assert (batch["labels"][0][: len(prompt_ids)] == -100).all()
+    assert tokenizer.decode(batch["labels"][0][len(prompt_ids):]) == " oxen"
 
 
 def test_labels_mask_prompt_and_padding(tokenizer):
@@ -156,6 +195,23 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split(examples, seed=3, test_fraction=0.2, min_test=5) == (train, test)
     assert split(examples, seed=4, test_fraction=0.2, min_test=5)[1] != test
     assert len(split(examples, seed=3, min_test=30)[1]) == 30
+
+
+def test_train_val_test_keeps_validation_apart_and_the_test_split_of_split():
+    examples = examples_from_task_dict(_synthetic_task(100))
+    train, val, test = train_val_test(examples, seed=3, min_test=20, val_fraction=0.1)
+    assert test == split(examples, seed=3, min_test=20)[1]
+    assert (len(train), len(val), len(test)) == (72, 8, 20)
+    prompts = [{e.prompt for e in part} for part in (train, val, test)]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert train_val_test(examples, seed=3, min_test=20) == (train, val, test)
+
+
+def test_drop_long_prompts_counts_with_special_tokens(tokenizer):
+    examples = [TaskExample("x" * n, [" a", " b"], 0) for n in (3, 4, 5)]
+    # the char tokenizer adds no BOS, so a prompt of n characters is n tokens
+    kept, dropped = drop_long_prompts(tokenizer, examples, max_tokens=4)
+    assert kept == examples[:2] and dropped == 1
 
 
 def test_split_refuses_to_leave_no_training_data():
@@ -270,3 +326,72 @@ def test_accuracy():
     assert accuracy([0, 1, 0, 0], examples) == 0.75
     with pytest.raises(InputError, match="one prediction per example"):
         accuracy([0], examples)
+
+
+def test_exact_match_compares_stripped_text_with_every_target():
+    example = GenerationExample("p", (" 12", " twelve "))
+    assert is_correct("12", example) and is_correct(" twelve\t", example)
+    assert not is_correct("12.", example) and not is_correct("1", example) and not is_correct(0, example)
+    assert accuracy(["12", "13"], [example, example]) == 0.5
+    assert chance([example, TaskExample("p", [" a", " b", " c", " d"], 0)]) == pytest.approx(0.125)
+
+
+class _ScriptedGenerator:
+    """A stand-in for a causal LM: ``generate`` appends a scripted text per prompt (keyed by the
+    prompt's last character) and records its arguments, honouring the stopping criteria."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.calls = tokenizer, replies, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria, **kwargs):
+        self.calls.append(dict(input_ids=input_ids, attention_mask=attention_mask,
+                               max_new_tokens=max_new_tokens, **kwargs))
+        rows = [row.tolist() for row in input_ids]
+        finished = [False] * len(rows)
+        for step in range(max_new_tokens):
+            for r, row in enumerate(rows):
+                reply = self.tokenizer(self.replies[self.tokenizer.decode(row[input_ids.shape[1] - 1])],
+                                       add_special_tokens=False)["input_ids"]
+                row.append(self.tokenizer.pad_token_id if finished[r] or step >= len(reply) else reply[step])
+            stop = stopping_criteria[0](torch.tensor(rows), None)
+            finished = [f or bool(s) for f, s in zip(finished, stop)]
+        return torch.tensor(rows)
+
+
+def test_generate_answers_rule_first_line_stripped_and_budget(tokenizer):
+    examples = [
+        GenerationExample("Q: x?\nA:", (" 12", " twelve")),  # longest target: 7 characters = 7 tokens
+        GenerationExample("Q: yy?\nA;", (" 3",)),
+        GenerationExample("Q: zzz?\nA,", (" 4",)),
+    ]
+    model = _ScriptedGenerator(tokenizer, {":": " twelve\nQ: next", ";": " 3 and more", ",": "\n4"})
+    answers = generate_answers(model, tokenizer, examples, batch_size=8)
+    # the first line of the new text, stripped: the third reply's first line is empty
+    assert answers == ["twelve", "3 and mo", ""]
+    assert [is_correct(a, e) for a, e in zip(answers, examples)] == [True, False, False]
+    (call,) = model.calls
+    assert call["max_new_tokens"] == 7 + 2 and call["do_sample"] is False and call["num_beams"] == 1
+    # left padding: every prompt ends at the last column, its mask covers it exactly
+    lengths = [len(tokenizer(e.prompt)["input_ids"]) for e in examples]
+    assert call["attention_mask"].sum(1).tolist() == sorted(lengths)
+    assert (call["attention_mask"][:, -1] == 1).all() and call["input_ids"].shape[0] == 3
+    with pytest.raises(InputError, match="raise max_len"):
+        generate_answers(model, tokenizer, examples, max_len=9)
+
+
+def test_generate_answers_agree_across_batch_sizes(tokenizer, tiny_llama):
+    examples = [GenerationExample(f"Q{i}: say{'!' * (i % 4)}\nA:", (" abc",)) for i in range(9)]
+    one = generate_answers(tiny_llama, tokenizer, examples, batch_size=1)
+    assert generate_answers(tiny_llama, tokenizer, examples, batch_size=4) == one  # left padding is masked
+    assert len(set(one)) > 1 and all("\n" not in a for a in one)
+
+
+def test_predict_scores_each_kind_its_own_way(tokenizer, tiny_llama):
+    mixed = [
+        TaskExample("Q0: pick\nA:", [" red", " tan"], 0),
+        GenerationExample("Q1: say\nA:", (" abc",)),
+        TaskExample("Q2: pick!\nA:", [" red", " tan"], 1),
+    ]
+    predictions = predict(tiny_llama, tokenizer, mixed, batch_size=4)
+    assert predictions[0::2] == score_choices(tiny_llama, tokenizer, mixed[0::2])
+    assert predictions[1:2] == generate_answers(tiny_llama, tokenizer, mixed[1:2])

@@ -1,4 +1,4 @@
-"""Fine-tune and compare moa-fx methods on multiple-choice tasks (the "real use" evaluation).
+"""Fine-tune and compare moa-fx methods on BIG-bench tasks (the "real use" evaluation).
 
 Map:
 
@@ -16,9 +16,11 @@ Map:
   (tiny random LLaMA, synthetic BIG-bench-style task dicts): no assets, no network.
 
 Protocol (ASSETS.md, section 3): each task's examples are split once (``split_seed``) into train and
-a held-out test set; the first ``eval_examples`` of the test set are scored by the summed
-log-likelihood of each choice (:func:`moa_fx.eval.tasks.score_choices`), for the untouched base model
-(zero-shot) and after fine-tuning with the loss on the answer tokens only, by the training loop of
+a held-out test set; the first ``eval_examples`` of the test set are scored
+(:func:`moa_fx.eval.tasks.predict`) -- multiple choice by the summed log-likelihood of each choice,
+a free-text task by exact match of the greedy answer from ``generate`` (the base model's own for
+zero-shot, the MoAModel's after training) -- for the untouched base model (zero-shot) and after
+fine-tuning with the loss on the answer tokens only, by the training loop of
 ``moa-fx train`` (:func:`moa_fx.train.fit`: AdamW, warmup + cosine, gradients clipped to
 ``max_grad_norm``). A mixture setting trains on a shuffled mix of its tasks' training splits
 (:func:`moa_fx.eval.tasks.mixture`) and reports the macro mean of its tasks' accuracies (each task's
@@ -64,6 +66,8 @@ __all__ = [
     "write_report",
     "synthetic_task_dicts",
     "CharTokenizer",
+    "load_model",
+    "task_loader",
     "TABLE_COLUMNS",
 ]
 
@@ -169,7 +173,8 @@ def setting_kind(setting: str) -> str:
 
 
 class CharTokenizer:
-    """A byte-level tokenizer for the tiny model: id = 3 + (byte mod (vocab − 3)); 1 BOS, 2 PAD/EOS."""
+    """A byte-level tokenizer for the tiny model: id = 3 + (byte mod (vocab − 3)); 1 BOS, 2 PAD/EOS.
+    ``decode`` inverts it for ASCII text (ids 0–2 are special)."""
 
     def __init__(self, vocab_size: int = 128) -> None:
         self.vocab_size = vocab_size
@@ -179,9 +184,20 @@ class CharTokenizer:
         ids = [3 + b % (self.vocab_size - 3) for b in text.encode("utf-8")]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out = []
+        for i in ids:
+            if i >= 3:
+                out.append(chr(i - 3))
+            elif not skip_special_tokens:
+                out.append(("<unk>", "<bos>", "<eos>")[i])
+        return "".join(out)
+
 
 def synthetic_task_dicts(n: int = 240, seed: int = 0) -> dict[str, dict]:
-    """Two BIG-bench-style task dicts with distinct formats (so a mixture has something to route)."""
+    """BIG-bench-style task dicts with distinct formats (so a mixture has something to route): two
+    multiple-choice tasks (``parity``, ``compare``) and one scored on generated text (``successor``:
+    the digit after a given one, with a ``target`` list)."""
     rng = random.Random(seed)
     parity, compare = [], []
     for _ in range(n):
@@ -190,9 +206,17 @@ def synthetic_task_dicts(n: int = 240, seed: int = 0) -> dict[str, dict]:
         parity.append({"input": " ".join(map(str, digits)), "target_scores": {"even": int(even), "odd": int(not even)}})
         a, b = rng.sample(range(10), 2)
         compare.append({"input": f"{a} or {b}, which is larger?", "target_scores": {"left": int(a > b), "right": int(b > a)}})
+    # its own generator, so that parity and compare stay what they were before it was added
+    rng = random.Random(seed + 1)
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    successor = []
+    for _ in range(n):
+        a = rng.randrange(9)
+        successor.append({"input": f"after {a} comes", "target": [str(a + 1), words[a + 1]]})
     return {
         "parity": {"task_prefix": "Is the sum even?", "examples": parity, "append_choices_to_input": False},
         "compare": {"examples": compare, "example_input_prefix": "\nQuestion: ", "example_output_prefix": "\nAnswer: "},
+        "successor": {"examples": successor},
     }
 
 
@@ -206,8 +230,10 @@ def _tiny_model(seed: int = 0):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def _load_model(cfg: EvalConfig):
-    if cfg.model == "tiny":
+def load_model(model: str = "smollm2"):
+    """``(model, tokenizer)``: ``"smollm2"`` the real asset (float32, eval mode; fetched on first use),
+    ``"tiny"`` the smoke version's random tiny LLaMA with :class:`CharTokenizer`."""
+    if model == "tiny":
         return _tiny_model(), CharTokenizer(128)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,11 +247,13 @@ def _load_model(cfg: EvalConfig):
     return model.eval(), tokenizer
 
 
-def _task_loader(cfg: EvalConfig) -> Callable[[str], list[T.TaskExample]]:
-    if cfg.data == "synthetic":
+def task_loader(data: str = "bigbench") -> Callable[[str], list[T.Example]]:
+    """Task name → examples: ``"bigbench"`` reads the sdist (:func:`moa_fx.eval.tasks.load_task`),
+    ``"synthetic"`` the smoke version's :func:`synthetic_task_dicts`."""
+    if data == "synthetic":
         dicts = synthetic_task_dicts()
 
-        def load(name: str) -> list[T.TaskExample]:
+        def load(name: str) -> list[T.Example]:
             if name not in dicts:
                 raise InputError(f"synthetic tasks are {sorted(dicts)}, not {name!r}")
             return T.examples_from_task_dict(dicts[name], name=name)
@@ -345,10 +373,11 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, load, method: str, settin
     accuracy, first_choice = {}, {}
     for name in names:
         test = splits[name][1]
-        predictions = T.score_choices(moa, tokenizer, test, batch_size=16, max_len=cfg.max_len)
+        predictions = T.predict(moa, tokenizer, test, batch_size=16, max_len=cfg.max_len)
         accuracy[name] = T.accuracy(predictions, test)
-        # share of predictions that pick the first listed choice: 0 or 1 means one label for everything
-        first_choice[name] = sum(p == 0 for p in predictions) / len(predictions)
+        share = T.first_choice_share(predictions, test)  # 0 or 1: one label for everything
+        if share is not None:  # a free-text task has no listed choices
+            first_choice[name] = share
     eval_s = time.perf_counter() - t_eval
     active_pool = [e for name in names for e in splits[name][1][: max(1, cfg.active_examples // len(names))]]
     active = active_experts_per_layer(moa, tokenizer, active_pool, cfg.max_len)
@@ -375,9 +404,10 @@ def _zero_shot(cfg: EvalConfig, base, tokenizer, splits) -> dict[str, Any]:
     t = time.perf_counter()
     accuracy, chance = {}, {}
     for name, (_, test) in splits.items():
-        predictions = T.score_choices(base, tokenizer, test, batch_size=16, max_len=cfg.max_len)
+        # the base model's own forward (multiple choice) and generate (generated answers)
+        predictions = T.predict(base, tokenizer, test, batch_size=16, max_len=cfg.max_len)
         accuracy[name] = T.accuracy(predictions, test)
-        chance[name] = sum(1 / len(e.choices) for e in test) / len(test)
+        chance[name] = T.chance(test)
     return {"accuracy": accuracy, "chance": chance, "eval_s": time.perf_counter() - t,
             "test_sizes": {name: len(test) for name, (_, test) in splits.items()},
             "train_sizes": {name: len(train) for name, (train, _) in splits.items()},
@@ -390,11 +420,11 @@ def _job(cfg_dict: dict, job: dict) -> dict[str, Any]:
     cfg = EvalConfig(**cfg_dict)
     torch.set_num_threads(cfg.threads)
     log = _printer(job.get("log"))
-    load = _task_loader(cfg)
+    load = task_loader(cfg.data)
     names = sorted({n for s in cfg.settings for n in parse_setting(s)})
     splits = _splits(cfg, load, names)
     t = time.perf_counter()
-    base, tokenizer = _load_model(cfg)
+    base, tokenizer = load_model(cfg.model)
     for p in base.parameters():
         p.requires_grad_(False)
     load_s = time.perf_counter() - t
@@ -580,7 +610,8 @@ def markdown_report(results: dict[str, Any]) -> str:
            "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     out += ["| " + " | ".join(_table_cells(row)) + " |" for row in rows]
     out += ["",
-            f"Accuracy: held-out multiple choice, mean ± sample std over seeds {list(cfg['seeds'])}; a mixture's "
+            f"Accuracy: held-out, multiple choice by choice likelihood, free-text tasks by exact match of the "
+            f"greedy answer's first line (chance 0), mean ± sample std over seeds {list(cfg['seeds'])}; a mixture's "
             "accuracy is the mean of its tasks'. Step time: median wall time of one training step "
             "(forward + backward + AdamW), averaged over seeds. Peak RSS: `resource.getrusage` maximum resident "
             "set of the process that ran the run (max over seeds)"
