@@ -91,3 +91,11 @@ def test_a_failing_task_is_recorded_and_the_others_run(tmp_path):
     assert results["tasks"]["broken"]["error"] == "InputError: no such task"
     assert results["tasks"]["compare"]["zero_shot"]["accuracy"] >= 0.0
     assert "| broken | — |" in survey.survey_table(results)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"protocol": {}}', "\udcff"])
+def test_a_results_file_that_is_not_a_survey_is_refused_by_name(tmp_path, text):
+    path = tmp_path / "survey.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(InputError, match="not a survey results file"):
+        survey.load_results(path, survey.SurveyConfig())

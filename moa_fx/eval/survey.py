@@ -303,7 +303,12 @@ class Reporter:
 def load_results(path: pathlib.Path, cfg: SurveyConfig) -> dict[str, Any]:
     """The results file at ``path`` if it exists (its protocol must be ``cfg``'s), else an empty one."""
     if path.exists():
-        results = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path} is not a survey results file ({err}); pass another --out") from None
+        if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
+            raise InputError(f"{path} is not a survey results file (no 'tasks' table); pass another --out")
         if results.get("protocol") != cfg.protocol():
             raise InputError(f"{path} holds a survey with protocol {results.get('protocol')}, not "
                              f"{cfg.protocol()}; pass another --out or the same settings")
