@@ -132,7 +132,7 @@ def test_free_text_targets_make_generation_examples():
     }
     gen, alias, choice = examples_from_task_dict(task, name="plural")
     assert gen == GenerationExample(prompt="Plural.\nQ: cat\nA:", targets=(" cats",), task="plural")
-    assert alias.targets == (" oxen", " oxes") and alias.answer_text == " oxen"
+    assert alias.targets == (" oxen", " oxes") and alias.answer_text == " oxen\n"
     assert isinstance(choice, TaskExample) and choice.answer_text == " dogs"
     # no trailing space in the prompt: the targets are kept as written
     (bare,) = examples_from_task_dict({"example_output_prefix": "=", "examples": [{"input": "1+1", "target": "2"}]})
@@ -143,13 +143,14 @@ def test_free_text_targets_make_generation_examples():
 # Training tensors
 
 
-def test_generation_examples_train_on_the_first_target(tokenizer):
+def test_generation_examples_train_on_the_first_target_and_its_end(tokenizer):
+    # the answer's line break is trained too, so a fine-tuned model stops where the scorer stops reading
     example = GenerationExample(prompt="Q: ox?\nA:", targets=(" oxen", " oxes"))
     batch = encode_for_training(tokenizer, [example], max_len=64)
     prompt_ids = tokenizer(example.prompt)["input_ids"]
-    assert tokenizer.decode(batch["input_ids"][0]) == "Q: ox?\nA: oxen"  # prompt + " " + target
+    assert tokenizer.decode(batch["input_ids"][0]) == "Q: ox?\nA: oxen\n"  # prompt + " " + target + end
     assert (batch["labels"][0][: len(prompt_ids)] == -100).all()
-    assert tokenizer.decode(batch["labels"][0][len(prompt_ids):]) == " oxen"
+    assert tokenizer.decode(batch["labels"][0][len(prompt_ids):]) == " oxen\n"
 
 
 def test_labels_mask_prompt_and_padding(tokenizer):

@@ -55,6 +55,7 @@ __all__ = [
     "drop_long_prompts",
     "winowhy_group",
     "answer_tokens",
+    "ANSWER_END",
     "encode_for_training",
     "score_choices",
     "generate_answers",
@@ -77,6 +78,7 @@ CHOSEN_TASKS = (
 )
 
 # BIG-bench defaults for fields a task.json may omit.
+ANSWER_END = "\n"  # a generated answer is read up to its first line break
 _DEFAULT_INPUT_PREFIX = "\nQ: "
 _DEFAULT_OUTPUT_PREFIX = "\nA: "
 _DEFAULT_CHOICE_PREFIX = "\n  choice: "
@@ -116,8 +118,9 @@ class GenerationExample:
 
     @property
     def answer_text(self) -> str:
-        """The text trained on: the first target."""
-        return self.targets[0]
+        """The text trained on: the first target, then :data:`ANSWER_END`, so that a fine-tuned
+        model learns to end its answer where :func:`generate_answers` stops reading."""
+        return self.targets[0] + ANSWER_END
 
 
 Example = TaskExample | GenerationExample
