@@ -1,6 +1,6 @@
-"""The evaluation report (moa_fx/eval/evaluate.py, examples/evaluate.py): the smoke version end to end on a
-tiny random model and synthetic task dicts (no assets, no network), and a short run on the real
-assets that skips itself when they are not cached."""
+"""The evaluation (moa_fx/eval/evaluate.py, moa_fx/eval/report.py, examples/evaluate.py): the smoke version end to
+end on a tiny random model and synthetic task dicts (no assets, no network), resuming, the paired bootstrap, the
+recipe sweep, and a short run on the real assets that skips itself when they are not cached."""
 
 from __future__ import annotations
 
@@ -11,29 +11,31 @@ import sys
 
 import pytest
 
+from moa_fx.errors import InputError
 from moa_fx.eval import evaluate as ev
+from moa_fx.eval import report
 from moa_fx.eval.assets import asset_available
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = dict(seeds=(0,), steps=2, eval_examples=8, curve_every=1, curve_examples=4, active_examples=4)
+
+
+def _table(markdown: str) -> list[list[str]]:
+    header = "| " + " | ".join(report.TABLE_COLUMNS) + " |"
+    lines = markdown.splitlines()
+    body = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([c.strip() for c in line.strip("|").split("|")])
+    return body
 
 
 def _check_report(results: dict, out: pathlib.Path, methods, settings) -> None:
-    markdown = (out / "results.md").read_text(encoding="utf-8")
-    header = "| " + " | ".join(ev.TABLE_COLUMNS) + " |"
-    assert header in markdown
-    lines = markdown.splitlines()
-    start = lines.index(header)
-    body = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        body.append(line)
+    body = _table((out / "results.md").read_text(encoding="utf-8"))
     # one zero-shot row and one row per method, per setting; every row has every column
     assert len(body) == len(settings) * (1 + len(methods))
-    for line in body:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == len(ev.TABLE_COLUMNS), line
-        assert all(cells), line
+    assert all(len(cells) == len(report.TABLE_COLUMNS) and all(cells) for cells in body), body
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert not saved["failures"]
     assert len(saved["runs"]) == len(methods) * len(settings) * len(results["config"]["seeds"])
@@ -41,6 +43,9 @@ def _check_report(results: dict, out: pathlib.Path, methods, settings) -> None:
         assert 0.0 <= run["mean_accuracy"] <= 1.0
         assert run["trainable"] > 0 and run["step_time_median_s"] > 0 and run["peak_rss_mb"] > 0
         assert all(loss == loss for loss in run["losses"])  # no NaN
+        for task, correct in run["correct"].items():  # what the bootstrap resamples
+            assert len(correct) == saved["zero_shot"][task]["scored"]
+            assert sum(correct) / len(correct) == pytest.approx(run["accuracy"][task])
         if run["method"] == "lora":
             assert run["active"] == {}
         else:  # every routed method reports a per-layer count between 0 and E
@@ -50,61 +55,161 @@ def _check_report(results: dict, out: pathlib.Path, methods, settings) -> None:
             assert run["active"]["mean"] == pytest.approx(2.0)  # top-2
         if run["method"] == "soft_moa":
             assert run["active"]["mean"] == pytest.approx(7.0)  # dense: 5 LoRA + prompt + adapter
-    for row in saved["summary"]:
+    for row in report.summarize(saved):
         if row["method"] in ev.METHODS:
-            assert row["chance"] == pytest.approx(0.5)
+            assert row["chance"] == pytest.approx({"parity": 0.5, "parity+compare": 0.5}[row["setting"]])
 
 
-def test_quick_version_runs_end_to_end_and_writes_every_column(tmp_path):
-    cfg = ev.quick_config(seeds=(0,), steps=2, eval_examples=12, active_examples=8)
+def test_quick_version_runs_every_method_end_to_end_and_writes_every_column(tmp_path):
+    cfg = ev.quick_config(settings=("parity+compare",), **SMALL)  # generation: the next test (lora only)
     assert cfg.model == "tiny" and cfg.data == "synthetic" and not cfg.isolate
-    results = ev.run_evaluation(cfg)
-    paths = ev.write_report(results, tmp_path)
-    assert paths["json"].exists() and paths["markdown"].exists()
+    results = ev.run_evaluation(cfg, tmp_path / "results.json", progress=False)
+    paths = report.write_report(results, tmp_path)
     _check_report(results, tmp_path, ev.METHODS, cfg.settings)
-    # the per-layer chart covers adamole and sparse_moa, one bar per layer of the tiny model (3)
+    # the learning curve: step 0 (zero-shot) then every curve_every steps, on the validation subset
+    for row in report.summarize(results):
+        if row["method"] in ev.METHODS:
+            assert [p[0] for p in row["curve"]] == [0, 1, 2]
     chart = (tmp_path / "active_experts.txt").read_text(encoding="utf-8")
     assert chart.count("adamole ·") == len(cfg.settings) and chart.count("sparse_moa ·") == len(cfg.settings)
-    assert chart.count("layer  2 │") == 2 * len(cfg.settings)
+    assert chart.count("layer  2 │") == len(report.CHART_METHODS) * len(cfg.settings)
     markdown = paths["markdown"].read_text(encoding="utf-8")
-    assert "Per-task accuracy, mixture `parity+compare`" in markdown and "Parameter budgets" in markdown
+    assert "Per-task accuracy, mixture `parity+compare`" in markdown and "The papers' claims" in markdown
+    pytest.importorskip("matplotlib")
+    for key in ("curves", "png"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_quick_and_report_from(tmp_path, monkeypatch, capsys):
+def test_a_stopped_evaluation_resumes_without_repeating_runs_and_refuses_other_settings(tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    cfg = ev.quick_config(methods=("lora",), settings=("parity",), **SMALL)
+    first = ev.run_evaluation(cfg, out, progress=False)
+    calls = []
+    real = ev._train_and_score
+    monkeypatch.setattr(ev, "_train_and_score", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    more = ev.quick_config(methods=("lora", "sparse_moa"), settings=("parity",), **SMALL)
+    second = ev.run_evaluation(more, out, progress=False)
+    assert [job["method"] for job in calls] == ["sparse_moa"]  # lora's run and the zero-shot scores are kept
+    as_saved = json.loads(json.dumps(first))
+    assert second["runs"][0] == as_saved["runs"][0] and second["zero_shot"] == as_saved["zero_shot"]
+    saved = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    assert [ev.run_key(r) for r in saved] == [("lora", "parity", 0, 5e-3), ("sparse_moa", "parity", 0, 5e-3)]
+    with pytest.raises(InputError, match=r"other settings \(steps 2 → 3\)"):
+        ev.run_evaluation(ev.quick_config(methods=("lora",), settings=("parity",), **{**SMALL, "steps": 3}), out)
+    out.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(InputError, match="not an evaluation results file"):
+        ev.run_evaluation(cfg, out)
+
+
+def test_a_failing_run_is_recorded_and_tried_again_by_the_next_call(tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    cfg = ev.quick_config(methods=("lora", "mole_topk"), settings=("parity",), **SMALL)
+    real = ev.budget_spec
+
+    def broken(method):
+        if method == "mole_topk":
+            raise RuntimeError("boom")
+        return real(method)
+
+    monkeypatch.setattr(ev, "budget_spec", broken)
+    results = ev.run_evaluation(cfg, out, progress=False)
+    assert [r["method"] for r in results["runs"]] == ["lora"]
+    assert results["failures"][0]["method"] == "mole_topk" and "boom" in results["failures"][0]["error"]
+    monkeypatch.setattr(ev, "budget_spec", real)
+    again = ev.run_evaluation(cfg, out, progress=False)
+    assert [r["method"] for r in again["runs"]] == ["lora", "mole_topk"] and not again["failures"]
+
+
+def test_paired_bootstrap_on_known_differences():
+    same = {0: {"t": [1, 0, 1, 1]}, 1: {"t": [0, 1, 1, 0]}}
+    test = report.paired_bootstrap(same, same, ["t"])
+    assert test["delta"] == 0 and test["low"] == 0 == test["high"] and test["p"] == 1.0
+    right = {s: {"t": [1] * 50} for s in (0, 1, 2)}
+    wrong = {s: {"t": [0] * 50} for s in (0, 1, 2)}
+    test = report.paired_bootstrap(right, wrong, ["t"])
+    assert test["delta"] == 1.0 and test["p"] < 0.001 and test["seeds"] == 3
+    # 10 of 100 examples better, on every seed: Δ = 0.1, its interval holds it and excludes 0
+    base = [0] * 100
+    better = [1] * 10 + [0] * 90
+    test = report.paired_bootstrap({s: {"t": better} for s in (0, 1)}, {s: {"t": base} for s in (0, 1)}, ["t"])
+    assert test["delta"] == pytest.approx(0.1) and 0 < test["low"] < 0.1 < test["high"] and test["p"] < 0.01
+    # two tasks: the macro mean; zero-shot (key -1) stands for every seed; unpaired examples → None
+    two = report.paired_bootstrap({0: {"a": [1, 1], "b": [0, 0]}}, {-1: {"a": [0, 0], "b": [0, 0]}}, ["a", "b"])
+    assert two["delta"] == pytest.approx(0.5)
+    assert report.paired_bootstrap({0: {"t": [1, 0]}}, {0: {"t": [1]}}, ["t"]) is None
+    assert report.paired_bootstrap({0: {"t": [1]}}, {1: {"t": [1]}}, ["t"]) is None
+
+
+def _fake_results(accuracies: dict[tuple[str, float], list[int]], settings=("a+b",)) -> dict:
+    runs = []
+    for (method, lr), correct in accuracies.items():
+        for seed in (0, 1, 2):
+            acc = sum(correct) / len(correct)
+            runs.append({"method": method, "setting": settings[0], "seed": seed, "lr": lr, "kind": "mixture",
+                         "accuracy": {"a": acc, "b": acc}, "correct": {"a": correct, "b": correct},
+                         "mean_accuracy": acc, "trainable": 1, "step_time_median_s": 1.0, "peak_rss_mb": 1.0,
+                         "active": {}, "curve": [], "loss_first": 1.0, "loss_last10": 0.5})
+    zero = {t: {"accuracy": 0.5, "correct": [1, 0] * 20, "chance": 0.5, "scored": 40, "curve_accuracy": 0.5,
+                "data": {"train": 1, "dropped_long_prompts": 0}} for t in ("a", "b")}
+    return {"config": {"settings": list(settings), "methods": sorted({m for m, _ in accuracies}), "split": "val",
+                       "isolate": False}, "runs": runs, "zero_shot": zero}
+
+
+def test_best_lrs_and_the_claims_follow_the_numbers():
+    good, bad = [1] * 36 + [0] * 4, [1] * 20 + [0] * 20
+    results = _fake_results({("lora", 1e-3): bad, ("lora", 2e-3): good, ("soft_moa", 1e-3): good,
+                             ("soft_moa", 2e-3): good, ("sparse_moa", 1e-3): bad, ("mole_topk", 1e-3): good})
+    assert report.best_lrs(results) == {"lora": 2e-3, "soft_moa": 1e-3, "sparse_moa": 1e-3, "mole_topk": 1e-3}
+    verdicts = {c["claim"]: c for c in report.claims(results)}
+    # against lora's best rate: equal, so not supported; sparse is significantly worse than soft
+    assert verdicts["MoA (soft) beats LoRA on the multi-task mixture"]["verdict"].startswith("not supported")
+    assert verdicts["Sparse MoA beats LoRA on the multi-task mixture"]["verdict"].startswith("contradicted")
+    assert verdicts["Sparse MoA costs no accuracy against soft MoA (mixture)"]["verdict"] == \
+        "not supported (significantly worse)"
+    assert verdicts["AdaMoLE beats LoRA (single tasks)"]["verdict"] == "not measured"
+    rows = {(r["method"], r["lr"]): r for r in report.summarize(results)}
+    assert rows[("soft_moa", 1e-3)]["vs_zero_shot"]["delta"] == pytest.approx(0.4)
+    assert rows[("lora", 2e-3)]["vs_lora"] is None and rows[("sparse_moa", 1e-3)]["vs_lora"]["delta"] < 0
+
+
+def test_cli_sweep_writes_recipes_then_the_evaluation_reads_them(tmp_path, monkeypatch, capsys):
     script = str(ROOT / "examples" / "evaluate.py")
-    out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [script, "--quick", "--methods", "lora,sparse_moa", "--tasks", "parity+compare",
-                                      "--seeds", "0,1", "--steps", "2", "--eval-examples", "8", "--out", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(script, run_name="__main__")
-    assert exit_info.value.code == 0
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["config"]["seeds"] == [0, 1] and results["command"].endswith(f"--out {out}")
-    _check_report(results, out, ("lora", "sparse_moa"), ("parity+compare",))
-    assert (out / "results.partial.json").exists()
-    # the report can be rebuilt from the partial file of a stopped run
-    again = tmp_path / "again"
-    monkeypatch.setattr(sys, "argv", [script, "--report-from", str(out / "results.partial.json"), "--out", str(again)])
-    with pytest.raises(SystemExit):
-        runpy.run_path(script, run_name="__main__")
-    table_rows = [line for line in (again / "results.md").read_text(encoding="utf-8").splitlines()
-                  if line.startswith("| parity+compare |")]
-    assert len(table_rows) == 3
-    assert "sparse_moa · parity+compare" in capsys.readouterr().out
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", [script, "--quick", "--seeds", "0", "--steps", "2", "--eval-examples", "8",
+                                          "--curve-every", "0", "--tasks", "parity", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(script, run_name="__main__")
+        return exit_info.value.code
+
+    sweep = tmp_path / "sweep"
+    assert run("--methods", "lora", "--sweep-lrs", "1e-3,5e-3", "--out", str(sweep)) == 0
+    results = json.loads((sweep / "results.json").read_text(encoding="utf-8"))
+    assert results["config"]["split"] == "val" and sorted(r["lr"] for r in results["runs"]) == [1e-3, 5e-3]
+    recipes = json.loads((sweep / "recipes.json").read_text(encoding="utf-8"))
+    assert set(recipes) == {"lora"} and recipes["lora"] in (1e-3, 5e-3)
+    final = tmp_path / "final"
+    assert run("--methods", "lora", "--recipes", str(sweep / "recipes.json"), "--out", str(final)) == 0
+    (only,) = json.loads((final / "results.json").read_text(encoding="utf-8"))["runs"]
+    assert only["lr"] == recipes["lora"]
+    assert run("--methods", "lora", "--recipes", str(sweep / "recipes.json"), "--out", str(final), "--report-only") == 0
+    assert "| parity | lora |" in capsys.readouterr().out
+    assert run("--recipes", "lora:2e-3", "--out", str(final)) == 2  # argparse's usage error
+    assert "method=lr pairs" in capsys.readouterr().err
+    assert run("--out", str(tmp_path / "none"), "--report-only") == 2
 
 
-def test_a_generation_task_is_scored_by_exact_match_in_the_harness():
+def test_a_generation_task_is_scored_by_exact_match_in_the_harness(tmp_path):
     """A mixture of a multiple-choice task and a free-text one: zero-shot by the base model's generate,
     after training by the MoAModel's; no first-choice share for the free-text task, chance 0."""
-    cfg = ev.quick_config(methods=("lora",), settings=("parity+successor",), seeds=(0,), steps=2,
-                          eval_examples=8, active_examples=4)
-    results = ev.run_evaluation(cfg)
+    cfg = ev.quick_config(methods=("lora",), settings=("parity+successor",), **{**SMALL, "curve_every": 0})
+    results = ev.run_evaluation(cfg, pathlib.Path(tmp_path) / "results.json", progress=False)
     zero = results["zero_shot"]
-    assert zero["chance"] == {"parity": 0.5, "successor": 0.0}
+    assert {t: z["chance"] for t, z in zero.items()} == {"parity": 0.5, "successor": 0.0}
     (run,) = results["runs"]
     assert set(run["accuracy"]) == {"parity", "successor"} and set(run["first_choice_share"]) == {"parity"}
-    assert all(0.0 <= a <= 1.0 for a in list(run["accuracy"].values()) + list(zero["accuracy"].values()))
-    assert "exact match" in ev.markdown_report(results)
+    assert all(0.0 <= a <= 1.0 for a in list(run["accuracy"].values()) + [z["accuracy"] for z in zero.values()])
+    assert "exact match" in report.markdown_report(results)
 
 
 def test_generated_answers_of_a_moa_model():
@@ -146,27 +251,40 @@ def test_budget_specs_and_config_errors():
     assert topk.experts[0].ranks == (4,) * 4 and topk.router.top_k == 2
     ada = ev.budget_spec("adamole")
     assert ada.experts[0].ranks == (4,) * 4 and ada.router.threshold.rule == "adamole"
+    hydra = ev.budget_spec("hydralora")
+    assert hydra.experts[0].ranks == (8,) * 4 and hydra.experts[0].alpha == 64 and hydra.experts[0].share_a
     assert ev.budget_spec("sparse_moa").router.threshold.rule == "moa"
     assert set(ev.BUDGET_CHANGES) == set(ev.METHODS)
-    with pytest.raises(Exception, match="unknown method"):
-        ev.EvalConfig(methods=("nope",))
-    with pytest.raises(Exception, match="max_grad_norm = -1 must be >= 0"):
-        ev.EvalConfig(max_grad_norm=-1)
+    for bad, match in ((dict(methods=("nope",)), "unknown method"), (dict(lrs={"nope": 1e-3}), "unknown method"),
+                       (dict(max_grad_norm=-1), "max_grad_norm = -1 must be >= 0"), (dict(split="train"), "split"),
+                       (dict(sweep_lrs=(0,)), "learning rate must be > 0"), (dict(curve_every=-1), "curve_every"),
+                       (dict(settings=("a+",)), None), (dict(settings=("+",)), "empty task setting"),
+                       (dict(device="tpu"), "device")):
+        if match is None:
+            ev.EvalConfig(**bad)  # a trailing + is tolerated: the setting is "a"
+            continue
+        with pytest.raises(InputError, match=match):
+            ev.EvalConfig(**bad)
     assert ev.parse_setting("a+b") == ["a", "b"] and ev.setting_kind("a") == "single"
+    cfg = ev.EvalConfig(methods=("lora", "adamole"), settings=("x",), seeds=(0, 1), lrs={"lora": 1e-3},
+                        sweep_lrs=())
+    assert [(j["method"], j["seed"], j["lr"]) for j in cfg.jobs()] == [
+        ("lora", 0, 1e-3), ("adamole", 0, 2e-3), ("lora", 1, 1e-3), ("adamole", 1, 2e-3)]
+    assert len(ev.EvalConfig(methods=("lora",), settings=("x",), seeds=(0,), sweep_lrs=(1e-3, 2e-3)).jobs()) == 2
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not asset_available(tasks=["sports_understanding"]),
+@pytest.mark.skipif(not asset_available(tasks=["hyperbaton"]),
                     reason="SmolLM2 / BIG-bench assets are not cached (see ASSETS.md)")
 def test_real_assets_smoke(tmp_path):
     """SmolLM2-135M, one method, 6 steps, 32 held-out examples: the pipeline works on the real model
-    (about 1 minute on 2 free cores; measured 3.7 min for 10 steps / 40 examples on a shared machine)."""
-    cfg = ev.EvalConfig(methods=("sparse_moa",), settings=("sports_understanding",), seeds=(0,), steps=6,
-                        batch_size=4, eval_examples=32, active_examples=8, isolate=False, threads=1)
-    results = ev.run_evaluation(cfg)
-    ev.write_report(results, tmp_path)
-    _check_report(results, tmp_path, ("sparse_moa",), ("sports_understanding",))
+    (about 1 minute on 2 free cores)."""
+    cfg = ev.EvalConfig(methods=("sparse_moa",), settings=("hyperbaton",), seeds=(0,), steps=6, batch_size=4,
+                        eval_examples=32, curve_every=3, curve_examples=8, active_examples=8, isolate=False, threads=1)
+    results = ev.run_evaluation(cfg, tmp_path / "results.json", progress=False)
+    report.write_report(results, tmp_path)
+    _check_report(results, tmp_path, ("sparse_moa",), ("hyperbaton",))
     (run,) = results["runs"]
     assert run["trainable"] == 2_851_890  # the preset on SmolLM2's 30 layers
     assert sorted(int(k) for k in run["active"]["per_layer"]) == list(range(30))
-    assert results["zero_shot"]["test_sizes"]["sports_understanding"] == 32
+    assert results["zero_shot"]["hyperbaton"]["scored"] == 32

@@ -37,7 +37,7 @@ def test_task_data_drops_long_prompts_and_keeps_three_disjoint_splits():
     assert data.info["train"] + data.info["val"] + data.info["test"] == len(examples)
     ids = [{id(e) for e in part} for part in (data.train, data.val, data.test)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]) and data.val
-    with pytest.raises(InputError, match="too few to survey"):
+    with pytest.raises(InputError, match="too few to split"):
         survey.task_data("successor", examples, tokenizer, survey.SurveyConfig(max_prompt_tokens=20))
     spec = survey.pilot_spec()
     (expert,) = spec.experts

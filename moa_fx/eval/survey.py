@@ -27,7 +27,6 @@ answer tokens, by :func:`moa_fx.train.fit` (AdamW, warmup + cosine, clipping).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gc
 import json
@@ -44,7 +43,9 @@ import torch
 from moa_fx.data import Batch
 from moa_fx.errors import InputError
 from moa_fx.eval import evaluate as ev
+from moa_fx.eval import protocol
 from moa_fx.eval import tasks as T
+from moa_fx.eval.protocol import TaskData
 from moa_fx.fileio import atomic_write_json
 from moa_fx.train import Schedule, StepReport, fit, make_optimizer
 
@@ -146,67 +147,10 @@ def pilot_spec() -> Spec:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-    """One task under the survey protocol: ``test`` holds the scored examples only."""
-
-    name: str
-    train: list[T.Example]
-    val: list[T.Example]
-    test: list[T.Example]
-    info: dict[str, Any]
-
-
-def _kind(examples: Sequence[T.Example]) -> str:
-    kinds = {type(e) for e in examples}
-    if kinds == {T.TaskExample}:
-        return "multiple_choice"
-    return "generation" if kinds == {T.GenerationExample} else "mixed"
-
-
 def task_data(name: str, examples: Sequence[T.Example], tokenizer, cfg: SurveyConfig) -> TaskData:
-    """Drop prompts over ``cfg.max_prompt_tokens``, then train / val / test with ``cfg.split_seed``.
-
-    The test split holds ``max(min(max_examples, n // 4), 20% of n)`` examples (the first
-    ``max_examples`` are scored), the validation split 10% of the rest (at least
-    ``min(100, rest // 5)``). ``info`` describes the task: sizes, dropped prompts, prompt and answer
-    lengths, chance, and the accuracy of a constant answer learnt from the training split (the most
-    common answer text, or for multiple choice the most common answer position if that scores higher).
-    """
-    examples = [e if e.task == name else dataclasses.replace(e, task=name) for e in examples]
-    kept, dropped = T.drop_long_prompts(tokenizer, examples, cfg.max_prompt_tokens)
-    if len(kept) < 20:
-        raise InputError(f"task {name!r}: {len(kept)} of {len(examples)} examples have prompts of at most "
-                         f"{cfg.max_prompt_tokens} tokens; too few to survey")
-    group_key = T.GROUP_KEYS.get(name)
-    rest_n = len(kept) - min(cfg.max_examples, len(kept) // 4)
-    train, val, test = T.train_val_test(kept, seed=cfg.split_seed, min_test=min(cfg.max_examples, len(kept) // 4),
-                                        min_val=min(100, rest_n // 5), group_key=group_key)
-    scored = test[: cfg.max_examples]
-    prompt_lengths = [len(tokenizer(e.prompt, add_special_tokens=True)["input_ids"]) for e in kept]
-    answer_lengths = [len(tokenizer(e.answer_text, add_special_tokens=False)["input_ids"]) for e in kept]
-    info = {
-        "kind": _kind(kept), "examples": len(examples), "dropped_long_prompts": dropped,
-        "train": len(train), "val": len(val), "test": len(test), "scored": len(scored),
-        "prompt_tokens_median": statistics.median(prompt_lengths), "prompt_tokens_max": max(prompt_lengths),
-        "answer_tokens_max": max(answer_lengths), "chance": T.chance(scored),
-        "majority": _majority(train, scored),
-    }
-    return TaskData(name=name, train=train, val=val, test=scored, info=info)
-
-
-def _majority(train: Sequence[T.Example], test: Sequence[T.Example]) -> float:
-    """Test accuracy of a constant answer learnt from the training split: its most common answer text
-    (a label prior, or one string for every free-text question) or, for multiple choice, its most
-    common answer position, whichever scores higher."""
-    text = collections.Counter(e.answer_text.strip() for e in train).most_common(1)[0][0]
-    scores = [sum(e.answer_text.strip() == text if isinstance(e, T.TaskExample) else T.is_correct(text, e)
-                  for e in test)]
-    positions = collections.Counter(e.answer for e in train if isinstance(e, T.TaskExample))
-    if positions:
-        index = positions.most_common(1)[0][0]
-        scores.append(sum(isinstance(e, T.TaskExample) and e.answer == index for e in test))
-    return max(scores) / len(test)
+    """:func:`moa_fx.eval.protocol.task_data` under ``cfg``'s protocol."""
+    return protocol.task_data(name, examples, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
+                              max_examples=cfg.max_examples, split_seed=cfg.split_seed)
 
 
 # --------------------------------------------------------------------------------------------------
