@@ -5,8 +5,8 @@ CPU interpreter, and compared with the torch backward of the same op (``_lora_mi
 ``expand_backward``, the grouped op's torch loop) on random data: ranks that differ per expert, T not
 a multiple of the token block, weights with zeros and non-zeros, fp32 and bf16, several shapes. The
 torch backward itself is checked by finite differences (``torch.autograd.gradcheck``) in float64
-against the op's math. The whole-op comparisons against the oracles, Triton backward included, are
-in test_oracles.py.
+against the op's math. One subprocess runs the three ops' backwards with TRITON_INTERPRET=1 set before
+import. The whole-op comparisons against the oracles, Triton backward included, are in test_oracles.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from moa_fx.kernels.grouped_lora import _grouped_lora_backward_impl, sorted_pairs_on_device
 from moa_fx.kernels.lora_mixture import _lora_mixture_backward, expand_backward, triton_available
 
-from .test_lora_mixture import needs_triton
+from .test_lora_mixture import _run_python, needs_triton
 
 if triton_available():
     from moa_fx.kernels.lora_backward import dense_backward, grouped_backward, weight_grad
@@ -224,3 +224,27 @@ def test_torch_backward_gradcheck_float64(op):
     leaves = [t.clone().requires_grad_() for t in (y, x, a_cat, b_cat, weights)]
     assert torch.autograd.gradcheck(lambda *t: _TorchBackward.apply(op, *t, shape.ranks, scales), leaves,
                                     eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@needs_triton
+def test_backward_with_triton_interpret_env_set_before_import():
+    """With TRITON_INTERPRET=1 set before import (every @triton.jit an interpreted function, helpers
+    included) the three ops' Triton gradients equal the torch path's."""
+    code = (
+        "import torch\n"
+        "from moa_fx.kernels import lora_mixture, grouped_lora, lora_expand\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "y, x = torch.randn(21, 24, generator=g), torch.randn(21, 20, generator=g)\n"
+        "w = torch.rand(21, 2, generator=g) * (torch.rand(21, 2, generator=g) < 0.6)\n"
+        "a, b = torch.randn(12, 20, generator=g) / 4, torch.randn(24, 12, generator=g) / 4\n"
+        "expand = lambda y, x, a, b, w, r, s, backend: lora_expand(y, x @ a.t(), b, w, r, s, backend=backend)\n"
+        "for op in (lora_mixture, grouped_lora, expand):\n"
+        "    grads = []\n"
+        "    for backend in ('torch', 'triton'):\n"
+        "        leaves = [t.clone().requires_grad_() for t in (y, x, a, b, w)]\n"
+        "        out = op(*leaves, [4, 8], [1.0, 0.5], backend=backend)\n"
+        "        grads.append(torch.autograd.grad(out, leaves, torch.cos(out.detach())))\n"
+        "    for got, want in zip(*grads):\n"
+        "        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)\n"
+    )
+    _run_python(code, {"TRITON_INTERPRET": "1"})
