@@ -8,10 +8,17 @@ bytes = (T·d_in [x] + T·d_out [y] + T·d_out [out]) · elem + T·E·elem [weig
 the nominal figure where the device is known. On CUDA the ops run Triton; on CPU the "fused" ops
 run the torch reference behind the custom op (so fused ≈ reference there, plus dispatch).
 
+``--overhead`` measures instead the fixed host cost of one call (forward, forward+backward) of
+each fused op at a tiny shape (T 8, d 16, ranks 2 and 4), where all of a call is per-call cost:
+the torch path, and the Triton path's host side with every kernel launch made a no-op (the
+custom-op wrapper, input checks, column tables, allocations, tile plan; not Triton's own
+launcher), plus on CUDA the real Triton path. ``--profile`` adds a cProfile of each.
+
 Usage::
 
     python benchmarks/bench_kernel.py --json kernel.json             # CPU: d 576, T 1k..16k, E 4, 8
     python benchmarks/bench_kernel.py --backward                     # also forward+backward
+    python benchmarks/bench_kernel.py --overhead [--profile]         # µs per call at a tiny shape
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import timeit
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +81,75 @@ def bench(fn: Callable[[], object], device: str, warmup: int, iters: int) -> tup
     return statistics.median(times), min(times)
 
 
+class _NoLaunch:
+    """Stands in for a kernel: ``kernel[grid](*args)`` does nothing (the host side alone is timed)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def per_call_us(fn: Callable[[], object], calls: int = 300, repeats: int = 7) -> float:
+    """Best of ``repeats`` means over ``calls`` calls, in µs (after 20 warm-up calls)."""
+    for _ in range(20):
+        fn()
+    return min(timeit.repeat(fn, number=calls, repeat=repeats)) / calls * 1e6
+
+
+def overhead_main(args, device: str) -> dict:
+    """Per-call µs of each fused op at a tiny shape; see the module docstring."""
+    import cProfile
+    import pstats
+
+    from moa_fx.kernels import grouped_lora, lora_expand, lora_mixture
+
+    g = torch.Generator().manual_seed(0)
+    ranks, scales, T, d = [2, 4], [1.0, 0.5], 8, 16
+    y, x = torch.randn(T, d, generator=g).to(device), torch.randn(T, d, generator=g).to(device)
+    a_cat, b_cat = torch.randn(6, d, generator=g).to(device), torch.randn(d, 6, generator=g).to(device)
+    w = torch.rand(T, 2, generator=g).to(device)
+    leaves = [t.requires_grad_() for t in (y, x, a_cat, b_cat, w)]
+    z = (x @ a_cat.t()).detach().requires_grad_()
+    ops = {"lora_mixture": lambda be: lora_mixture(*leaves, ranks, scales, backend=be),
+           "grouped_lora": lambda be: grouped_lora(*leaves, ranks, scales, backend=be),
+           "lora_expand": lambda be: lora_expand(y, z, b_cat, w, ranks, scales, backend=be)}
+    modes = ["torch", "triton host (no-op launches)"] + (["triton"] if device == "cuda" else [])
+    rows, records = [], []
+    for mode in modes:
+        backend = "torch" if mode == "torch" else "triton"
+        # every kernels module that looks runnable_kernel up (one today; three before launch.py),
+        # so that the same harness also times an older checkout put first on PYTHONPATH
+        launchers = [m for name, m in list(sys.modules.items())
+                     if name.startswith("moa_fx.kernels") and hasattr(m, "runnable_kernel")]
+        real = [m.runnable_kernel for m in launchers]
+        if mode.startswith("triton host"):
+            for m in launchers:
+                m.runnable_kernel = lambda kernel, device: _NoLaunch()
+        try:
+            for name, op in ops.items():
+                def fwd(op=op):
+                    op(backend)
+                    common.sync(device)
+
+                def fwd_bwd(op=op):
+                    op(backend).sum().backward()
+                    common.sync(device)
+
+                rec = {"mode": mode, "op": name, "fwd_us": per_call_us(fwd), "fwd_bwd_us": per_call_us(fwd_bwd)}
+                records.append(rec)
+                rows.append([mode, name, rec["fwd_us"], rec["fwd_bwd_us"]])
+                if args.profile:
+                    prof = cProfile.Profile()
+                    prof.runcall(lambda: [fwd_bwd() for _ in range(200)])
+                    print(f"--- {mode} {name}: forward+backward x 200, by own time")
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        finally:
+            for m, fn in zip(launchers, real):
+                m.runnable_kernel = fn
+    cols = ["path", "op", "forward us", "forward+backward us"]
+    common.print_table(f"bench_kernel --overhead — per call, T {T}, d {d}, ranks {ranks}", cols, rows)
+    return {"env": common.env_info(device), "overhead": records, "markdown": common.markdown_table(cols, rows)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
@@ -84,10 +161,16 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--backward", action="store_true", help="also time forward+backward of each form")
+    ap.add_argument("--overhead", action="store_true", help="fixed per-call cost of each op at a tiny shape")
+    ap.add_argument("--profile", action="store_true", help="with --overhead: a cProfile of each op")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     device = common.setup_process(args.threads)
+    if args.overhead:
+        payload = overhead_main(args, device)
+        common.write_json(args.json, payload)
+        return payload
     from moa_fx.kernels import grouped_lora, lora_mixture
     from moa_fx.kernels.reference import grouped_lora_reference, lora_mixture_reference
 

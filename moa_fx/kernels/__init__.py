@@ -8,8 +8,10 @@
   (token, expert) pairs sorted by expert. ``grouped_lora.py``.
 - :func:`choose_form`: which of the two a site should use. ``cost.py``.
 - Pure-torch references and the column-gate helper: ``reference.py``.
+- The Triton backward of all three (dX or dZ, dA_cat, dB_cat, d weights): ``lora_backward.py``;
+  what every launcher and custom op shares (backend, checks, launch prologue): ``launch.py``.
 
-CUDA runs Triton kernels, CPU runs the references. Force a path with ``backend=`` or the
+CUDA runs Triton kernels, forward and backward; CPU runs the references. Force a path with ``backend=`` or the
 ``MOA_FX_KERNEL_BACKEND`` environment variable ("auto" | "triton" | "torch"); "triton" on CPU
 tensors runs the kernels in Triton's interpreter (tests only: slow).
 """

@@ -13,8 +13,10 @@ Map, in the order of STYLE item 9:
    sync (a cumsum and a scatter), so the grid is the static (cdiv(T, BLOCK_P), E) and programs
    past an expert's run return at once.
 3. ``moa_fx::grouped_lora`` (custom op + fake + autograd) and ``moa_fx::grouped_lora_backward``
-   (its backward, a per-expert torch loop with one host sync; an op of its own so that
-   AOTAutograd does not trace its data-dependent shapes).
+   (its backward on the torch path, a per-expert loop with one host sync; an op of its own so that
+   AOTAutograd does not trace its data-dependent shapes) and ``moa_fx::grouped_lora_backward_triton``
+   (on the Triton path: the kernels of ``lora_backward.py``, no host sync). Eager calls skip the
+   dispatcher as in ``lora_mixture``.
 4. The torch forward is ``reference.grouped_lora_reference`` (the CPU path).
 
 Gradient w.r.t. ``weights``: computed at active pairs (weight ≠ 0) and 0 elsewhere. The dense op
@@ -30,16 +32,17 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from moa_fx.kernels.lora_backward import grouped_backward
 from moa_fx.kernels.lora_mixture import (
+    cdiv,
     check_inputs,
-    device_guard,
-    dot_in_fp32,
-    dot_precision,
+    dispatch_free,
+    eager_function,
     fake_like_y,
-    next_power_of_2,
+    launch,
     resolve_backend,
-    runnable_kernel,
     save_operands,
+    tile_plan,
     tl,
     triton,
 )
@@ -154,43 +157,34 @@ def grouped_lora_forward(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, wei
         return acc.to(y.dtype)
     tables = column_tables(ranks, scales, y.device)
     pair_token, pair_offset = sorted_pairs_on_device(weights)
-    r_pad = max(16, next_power_of_2(max(ranks)))
-    block_p = 64 if r_pad <= 64 else (32 if r_pad <= 128 else 16)
-    block_k = 64 if r_pad <= 128 else 32
-    block_n = 64
-    grid = (triton.cdiv(num_tokens, block_p), num_experts)  # blocks on axis 0: it allows 2^31 - 1
-    kernel = runnable_kernel(_grouped_lora_fwd_kernel, y.device)
-    with device_guard(y.device):
-        kernel[grid](
-            x, a_cat, b_cat, weights, pair_token, pair_offset, tables.rank_offset, tables.expert_scale, acc,
-            d_in, d_out,
-            x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), b_cat.stride(0), b_cat.stride(1),
-            weights.stride(0), weights.stride(1), acc.stride(0), acc.stride(1),
-            BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, R_PAD=r_pad,
-            DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(y.device),
-        )
+    plan = tile_plan(max(ranks))
+    grid = (cdiv(num_tokens, plan.block_t), num_experts)  # blocks on axis 0: it allows 2^31 - 1
+    launch(_grouped_lora_fwd_kernel, grid, y.device, x.dtype,
+           x, a_cat, b_cat, weights, pair_token, pair_offset, tables.rank_offset, tables.expert_scale, acc,
+           d_in, d_out, *x.stride(), *a_cat.stride(), *b_cat.stride(), *weights.stride(), *acc.stride(),
+           BLOCK_P=plan.block_t, BLOCK_K=plan.block_k, BLOCK_N=64, R_PAD=plan.r_pad)
     return acc.to(y.dtype)
 
 
 # --- 3. Custom ops, fakes, autograd -----------------------------------------------------------
 
 
-@torch.library.custom_op("moa_fx::grouped_lora", mutates_args=())
-def _grouped_lora_op(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
-                     ranks: list[int], scales: list[float], backend: str) -> Tensor:
+def _grouped_lora_impl(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
+                       ranks: list[int], scales: list[float], backend: str) -> Tensor:
     if backend == "triton":
         return grouped_lora_forward(y, x, a_cat, b_cat, weights, ranks, scales)
     return grouped_lora_reference(y, x, a_cat, b_cat, weights, ranks, scales)
 
 
+_grouped_lora_op = torch.library.custom_op("moa_fx::grouped_lora", mutates_args=())(_grouped_lora_impl)
 _grouped_lora_op.register_fake(fake_like_y)
 
 
-@torch.library.custom_op("moa_fx::grouped_lora_backward", mutates_args=())
-def _grouped_lora_backward_op(grad: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
-                              ranks: list[int], scales: list[float],
-                              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, da_cat, db_cat, dweights); an entry whose ``needs`` flag is False comes back empty.
+def _grouped_lora_backward_impl(grad: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
+                                ranks: list[int], scales: list[float],
+                                needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da_cat, db_cat, dweights) by a torch loop (the CPU path and the reference); an entry whose
+    ``needs`` flag is False comes back empty.
 
     Per expert e with tokens I_e and gate g = w[I_e, e]·s_e:
     dZ' = G[I_e]·B_e;  dB_e = G[I_eᵀ]·(Z ⊙ g);  dZ = dZ' ⊙ g;  dX[I_e] += dZ·A_e;
@@ -238,9 +232,27 @@ def _grouped_lora_backward_op(grad: Tensor, x: Tensor, a_cat: Tensor, b_cat: Ten
     return dx, da, db, dw
 
 
-@_grouped_lora_backward_op.register_fake
-def _(grad, x, a_cat, b_cat, weights, ranks, scales, needs):
+def _grouped_lora_backward_triton_impl(grad: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
+                                       ranks: list[int], scales: list[float],
+                                       needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same by the kernels of ``lora_backward.py`` over the device-sorted pairs (no host sync)."""
+    grads = grouped_backward(grad, x, a_cat, b_cat, weights, ranks, scales, needs, *sorted_pairs_on_device(weights))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _grouped_lora_backward_fake(grad, x, a_cat, b_cat, weights, ranks, scales, needs):
     return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip((x, a_cat, b_cat, weights), needs))
+
+
+_grouped_lora_backward_op = torch.library.custom_op("moa_fx::grouped_lora_backward", mutates_args=())(
+    _grouped_lora_backward_impl)
+_grouped_lora_backward_triton_op = torch.library.custom_op("moa_fx::grouped_lora_backward_triton", mutates_args=())(
+    _grouped_lora_backward_triton_impl)
+_grouped_lora_backward_op.register_fake(_grouped_lora_backward_fake)
+_grouped_lora_backward_triton_op.register_fake(_grouped_lora_backward_fake)
+# Per backend: (the eager function, its custom op: what AOTAutograd traces instead of data-dependent shapes)
+_GROUPED_BACKWARDS = {"torch": (_grouped_lora_backward_impl, _grouped_lora_backward_op),
+                      "triton": (_grouped_lora_backward_triton_impl, _grouped_lora_backward_triton_op)}
 
 
 def _grouped_lora_backward_autograd(ctx, grad):
@@ -248,13 +260,16 @@ def _grouped_lora_backward_autograd(ctx, grad):
     needs = [bool(n) for n in ctx.needs_input_grad[1:5]]
     grads = [None, None, None, None]
     if any(needs):
-        computed = _grouped_lora_backward_op(grad, x, a_cat, b_cat, weights, ctx.ranks, ctx.scales, needs)
+        impl, op = _GROUPED_BACKWARDS[ctx.backend]
+        computed = (impl if dispatch_free() else op)(grad, x, a_cat, b_cat, weights, ctx.ranks, ctx.scales, needs)
         grads = [g if need else None for g, need in zip(computed, needs)]
     dy = grad if ctx.needs_input_grad[0] else None
     return (dy, *grads, None, None, None)
 
 
 _grouped_lora_op.register_autograd(_grouped_lora_backward_autograd, setup_context=save_operands)
+_GroupedLoraEager = eager_function("GroupedLoraEager", _grouped_lora_impl, save_operands,
+                                   _grouped_lora_backward_autograd)
 
 
 def grouped_lora(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Tensor,
@@ -268,6 +283,6 @@ def grouped_lora(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Te
         out = grouped_lora(y, x, a_cat, b_cat, weights, ranks=[4, 8], scales=[2.0, 1.0])
     """
     check_inputs("grouped_lora", y, x, a_cat, b_cat, weights, ranks, scales)
-    chosen = resolve_backend(backend, y.device)
-    return _grouped_lora_op(y, x, a_cat, b_cat, weights, [int(r) for r in ranks],
-                            [float(s) for s in scales], chosen)
+    args = (y, x, a_cat, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales],
+            resolve_backend(backend, y.device))
+    return _GroupedLoraEager.apply(*args) if dispatch_free() else _grouped_lora_op(*args)

@@ -9,7 +9,9 @@ Map, in the order of STYLE item 9:
 1. ``_lora_expand_fwd_kernel`` (Triton): one program per block of tokens loads Z (fp32) and runs
    the gate-and-expand helper it shares with the mixture kernel.
 2. ``lora_expand_forward``: the launcher.
-3. ``moa_fx::lora_expand``: the custom op, its fake, its autograd (torch matmuls).
+3. ``moa_fx::lora_expand``: the custom op, its fake, its autograd (the forward's backend: the
+   Triton backward of ``lora_backward.py`` or torch matmuls, ``lora_mixture.expand_backward``);
+   eager calls skip the dispatcher as in ``lora_mixture``.
 4. The pure-torch reference, ``reference.lora_expand_reference``, is the CPU path.
 """
 
@@ -21,9 +23,9 @@ import torch
 from torch import Tensor
 
 from moa_fx.errors import KernelError
-from moa_fx.kernels.lora_mixture import (check_2d_float, device_guard, dot_in_fp32, dot_precision, expand_backward,
-                                         fake_like_y, next_power_of_2, resolve_backend, runnable_kernel,
-                                         save_operands, triton)
+from moa_fx.kernels.lora_backward import triton_expand_backward
+from moa_fx.kernels.lora_mixture import (cdiv, check_2d_float, dispatch_free, eager_function, expand_backward,
+                                         fake_like_y, launch, resolve_backend, save_operands, tile_plan, triton)
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
 
 __all__ = ["lora_expand", "lora_expand_forward"]
@@ -88,50 +90,47 @@ def lora_expand_forward(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ra
     """Run ``_lora_expand_fwd_kernel`` into a fresh output; inputs must pass :func:`check_expand_inputs`."""
     num_tokens, d_out = y.shape
     total_rank = z.shape[1]
-    tables = column_tables(ranks, scales, y.device)
     out = torch.empty_like(y, memory_format=torch.contiguous_format)
     if num_tokens == 0:
         return out
-    r_pad = max(16, next_power_of_2(total_rank))
-    block_t = 64 if r_pad <= 64 else (32 if r_pad <= 128 else 16)
-    grid = (triton.cdiv(num_tokens, block_t),)
-    kernel = runnable_kernel(_lora_expand_fwd_kernel, y.device)
-    with device_guard(y.device):
-        kernel[grid](
-            y, z, b_cat, weights, tables.col_expert, tables.col_scale, out,
-            num_tokens, d_out, total_rank,
-            y.stride(0), y.stride(1), z.stride(0), z.stride(1), b_cat.stride(0), b_cat.stride(1),
-            weights.stride(0), weights.stride(1), out.stride(0), out.stride(1),
-            BLOCK_T=block_t, BLOCK_N=64, R_PAD=r_pad,
-            DOT_PRECISION=dot_precision(b_cat.dtype), DOT_IN_FP32=dot_in_fp32(y.device),
-        )
+    tables = column_tables(ranks, scales, y.device)
+    plan = tile_plan(total_rank)
+    launch(_lora_expand_fwd_kernel, (cdiv(num_tokens, plan.block_t),), y.device, b_cat.dtype,
+           y, z, b_cat, weights, tables.col_expert, tables.col_scale, out,
+           num_tokens, d_out, total_rank,
+           *y.stride(), *z.stride(), *b_cat.stride(), *weights.stride(), *out.stride(),
+           BLOCK_T=plan.block_t, BLOCK_N=64, R_PAD=plan.r_pad)
     return out
 
 
 # --- 3. Custom op, fake, autograd -------------------------------------------------------------
 
 
-@torch.library.custom_op("moa_fx::lora_expand", mutates_args=())
-def _lora_expand_op(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: list[int], scales: list[float],
-                    backend: str) -> Tensor:
+def _lora_expand_impl(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: list[int], scales: list[float],
+                      backend: str) -> Tensor:
     if backend == "triton":
         return lora_expand_forward(y, z, b_cat, weights, ranks, scales)
     return lora_expand_reference(y, z, b_cat, weights, ranks, scales)
 
 
+_lora_expand_op = torch.library.custom_op("moa_fx::lora_expand", mutates_args=())(_lora_expand_impl)
 _lora_expand_op.register_fake(fake_like_y)
 
 
 def _backward(ctx, grad):
     z, b_cat, weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    z32 = z.to(torch.float32) if (needs[2] or needs[3]) else None
-    dz, db, dw = expand_backward(grad, z32, b_cat, weights, ctx.ranks, ctx.scales, need_z=needs[1],
-                                 need_b=needs[2], need_w=needs[3], dz_dtype=z.dtype)
+    if ctx.backend == "triton":
+        dz, db, dw = triton_expand_backward(grad, z, b_cat, weights, ctx.ranks, ctx.scales, needs[1:4])
+    else:
+        z32 = z.to(torch.float32) if (needs[2] or needs[3]) else None
+        dz, db, dw = expand_backward(grad, z32, b_cat, weights, ctx.ranks, ctx.scales, need_z=needs[1],
+                                     need_b=needs[2], need_w=needs[3], dz_dtype=z.dtype)
     return (grad if needs[0] else None), dz, db, dw, None, None, None
 
 
 _lora_expand_op.register_autograd(_backward, setup_context=save_operands)
+_LoraExpandEager = eager_function("LoraExpandEager", _lora_expand_impl, save_operands, _backward)
 
 
 def lora_expand(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Sequence[int],
@@ -145,5 +144,6 @@ def lora_expand(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Seq
         out = lora_expand(y, x @ a_cat.T, b_cat, weights, ranks=[4, 8], scales=[2.0, 1.0])
     """
     check_expand_inputs(y, z, b_cat, weights, ranks, scales)
-    chosen = resolve_backend(backend, y.device)
-    return _lora_expand_op(y, z, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales], chosen)
+    args = (y, z, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales],
+            resolve_backend(backend, y.device))
+    return _LoraExpandEager.apply(*args) if dispatch_free() else _lora_expand_op(*args)
