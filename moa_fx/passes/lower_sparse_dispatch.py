@@ -11,7 +11,7 @@ kept with the last row's reason (rows go from the most specialised to the most g
 
 The rows, in order:
 - ``dropout_lora``: the LoRA experts of a ``mix``, reading one input x, at least one with input
-  dropout. Emits ``seed = <first dropped expert>.seed(x)`` (its :class:`~moa_fx.kinds.lora.DropoutSeed`:
+  dropout, each with its own A (HydraLoRA's heads share A and, in METHODS.md, one mask: kept). Emits ``seed = <first dropped expert>.seed(x)`` (its :class:`~moa_fx.kinds.lora.DropoutSeed`:
   a fresh seed per call in training, None in eval, switched by ``train()``/``eval()`` like the
   experts' ``nn.Dropout``) and ``y' = dropout_lora_site(y, x, w, [A…], [B…], ranks, scales, cols,
   form, ps, seed)``, which calls ``moa_fx::dropout_lora`` (an independent mask per expert, made in the
@@ -55,6 +55,7 @@ REASONS = {  # reason code -> its words in ctx.lowering and the records' notes
     "inputs_differ": "experts read different inputs",
     "dropout": "per-expert input dropout (set dropout = 0 to lower)",
     "no_dropout": "no input dropout (the lora_mixture row applies)",
+    "shared_a": "input dropout before a shared A (HydraLoRA): one mask for every head",
     "cost_model": "cost model",
     "forced": "forced",
 }
@@ -122,7 +123,11 @@ def _dropout_ps(ctx: PassContext, m: Match) -> list[float]:
 
 
 def _has_dropout(ctx: PassContext, m: Match) -> str | None:
-    return None if any(_dropout_ps(ctx, m)) else "no_dropout"
+    if not any(_dropout_ps(ctx, m)):
+        return "no_dropout"
+    # a HydraLoRA head (shared A) has no seed: METHODS.md drops x once before the shared A, which an
+    # independent mask per expert would not reproduce
+    return None if all(hasattr(ctx.gm.get_submodule(s.module), "seed") for s in m.slots) else "shared_a"
 
 
 def _lora_site_args(ctx: PassContext, m: Match, form: str):
@@ -209,6 +214,9 @@ def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[st
         weight = gm.get_parameter(p.site.weight)
         chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
                                    p.site.d_out, form)
+        if p.rule.dropout > 0 and p.rule.share_a:
+            out[p.site.path] = {"form": "unlowered", "reason": REASONS["dropout"]}
+            continue
         if p.rule.dropout > 0:
             reason = dropout_reason([float(p.rule.dropout)] * len(p.rule.ranks), reason)
         out[p.site.path] = {"form": chosen, "reason": reason}

@@ -151,3 +151,37 @@ def test_unlowered_experts_with_dropout_stay_out_of_the_shared_gemm(llama):
     moa = transform(llama, "adamole", lower="off")
     kept = [code for r in moa.records if r.pass_name == "fuse_shared_input" for code in r.kept.values()]
     assert kept and set(kept) == {"dropout"}
+
+
+def test_hydralora_heads_with_dropout_are_kept(llama):
+    """METHODS.md drops HydraLoRA's x once, before the shared A; the op draws a mask per expert, so
+    these sites stay unlowered (their reason: dropout), in the pass and in moa-fx sites alike."""
+    moa = transform(llama, "hydralora")
+    assert moa.lowering and all(v == {"form": "unlowered", "reason": "per-expert input dropout (set dropout = 0 to "
+                                      "lower)"} for v in moa.lowering.values())
+    assert plan_lowering(moa.graph_module, SimpleNamespace(placements=moa.placements), moa.spec) == moa.lowering
+    assert not any(isinstance(m, DropoutSeed) for m in moa.adapters.modules())
+
+
+def test_train_mode_compiles_fullgraph_and_draws_the_eager_masks(llama):
+    """torch.compile (AOTAutograd, so the op's backward is traced) of the lowered AdaMoLE in train mode:
+    one graph, no break at the seed or the op, and under one torch.manual_seed the eager model's masks."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    moa = transform(llama, _adamole())
+    randomize_adapters(moa, std=0.1)
+    moa.train()
+    compiled = torch.compile(moa, backend="aot_eager", fullgraph=True, dynamic=True)
+    params = [p for p in moa.parameters() if p.requires_grad]
+    ids = tokens(2, 7)
+    torch.manual_seed(3)
+    want = moa(input_ids=ids, labels=ids)
+    torch.manual_seed(3)
+    got = compiled(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(moa, got.loss), _grads(moa, want.loss)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
