@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moa_fx.errors import KernelError
-from moa_fx.kernels.dropout_mask import drop_positions, explicit_masks, stream_keys
+from moa_fx.kernels.dropout_mask import drop_positions_many, explicit_masks, stream_keys
 from moa_fx.kernels.lora_expand import lora_expand, lora_expand_forward
 from moa_fx.kernels.lora_mixture import check_inputs, expand_backward, fake_like_y, lora_mixture, resolve_backend
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
@@ -57,11 +57,10 @@ def site_drops(seed: Tensor, ps: Sequence[float], weights: Tensor, d_in: int) ->
     num_tokens = weights.shape[0]
     keys = stream_keys(seed.to(weights.device), len(ps))
     out = []
-    for e, p in enumerate(ps):
-        flat = drop_positions(keys[e], float(p), num_tokens * d_in)
+    for e, flat in enumerate(drop_positions_many(keys, ps, num_tokens * d_in)):
         token = torch.div(flat, d_in, rounding_mode="floor")
-        fires = weights[token, e] != 0
-        flat, token = flat[fires], token[fires]
+        fires = torch.nonzero(weights[:, e].index_select(0, token) != 0).squeeze(1)
+        flat, token = flat.index_select(0, fires), token.index_select(0, fires)
         out.append(Drops(flat, token, flat - token * d_in))
     return out
 
@@ -70,12 +69,13 @@ def _correction(x: Tensor, a32: Tensor, drops: list[Drops], ranks: Sequence[int]
     """c (T, R) fp32: ``c[t, j] = Σ_{k dropped by e(j) at t} x[t, k]·A_cat[j, k]``."""
     c = torch.zeros(x.shape[0], a32.shape[0], dtype=torch.float32, device=x.device)
     x_flat = x.reshape(-1)
+    a_t = a32.t()
     for cols, d in _with_drops(ranks, drops):
-        vals = x_flat[d.flat].to(torch.float32)
-        c[:, cols].index_add_(0, d.token, (a32[cols][:, d.feature] * vals).t())
+        vals = x_flat.index_select(0, d.flat).to(torch.float32)
+        rows = a_t[:, cols].contiguous().index_select(0, d.feature)  # (N, r): A_e[:, k] of each drop
+        c[:, cols] = torch.zeros(x.shape[0], rows.shape[1], dtype=torch.float32, device=x.device).index_add_(
+            0, d.token, rows * vals[:, None])
     return c
-
-
 def _with_drops(ranks: Sequence[int], drops: list[Drops]):
     """(rank columns, drops) of every expert that drops something."""
     start = 0
@@ -148,18 +148,23 @@ def _dropout_lora_backward_op(grad: Tensor, z: Optional[Tensor], x: Tensor, a_ca
 
 
 def _correct_dx(dx32: Tensor, u: Tensor, a32: Tensor, drops: list[Drops], ranks) -> Tensor:
-    flat = dx32.view(-1)
+    flat, a_t = dx32.view(-1), a32.t()
     for cols, d in _with_drops(ranks, drops):
-        flat.index_add_(0, d.flat, -(u[d.token, cols] * a32[cols][:, d.feature].t()).sum(1))
+        u_e = u[:, cols].contiguous().index_select(0, d.token)
+        rows = a_t[:, cols].contiguous().index_select(0, d.feature)
+        flat.index_add_(0, d.flat, (u_e * rows).sum(1), alpha=-1)
     return dx32
 
 
 def _correct_da(da32: Tensor, u: Tensor, x: Tensor, drops: list[Drops], ranks) -> Tensor:
     x_flat = x.reshape(-1)
+    da_t = torch.zeros(da32.shape[1], da32.shape[0], dtype=torch.float32, device=da32.device)  # (d_in, R)
     for cols, d in _with_drops(ranks, drops):
-        vals = x_flat[d.flat].to(torch.float32)
-        da32[cols].index_add_(1, d.feature, -(u[d.token, cols] * vals[:, None]).t())
-    return da32
+        vals = x_flat.index_select(0, d.flat).to(torch.float32)
+        u_e = u[:, cols].contiguous().index_select(0, d.token)
+        da_t[:, cols] = torch.zeros(da_t.shape[0], u_e.shape[1], dtype=torch.float32,
+                                    device=da32.device).index_add_(0, d.feature, u_e * vals[:, None])
+    return da32.sub_(da_t.t())
 
 
 @_dropout_lora_backward_op.register_fake

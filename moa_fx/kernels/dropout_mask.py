@@ -16,8 +16,8 @@ expert, in forward and again in backward. The gaps cost p·T·d_in draws per exp
 they give the drop positions directly, which is what the sparse correction of ``dropout_lora`` needs.
 
 Map: :func:`mix32`, :func:`stream_keys`, :func:`drop_positions` (the sorted drop positions of one
-expert below n), :func:`explicit_masks` (the (E, T, d_in) 0/1 keep masks materialised: tests and
-references only).
+expert below n; :func:`drop_positions_many`: several experts in one batch), :func:`explicit_masks`
+(the (E, T, d_in) 0/1 keep masks materialised: tests and references only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["mix32", "stream_keys", "drop_positions", "explicit_masks", "MASK32"]
+__all__ = ["mix32", "stream_keys", "drop_positions", "drop_positions_many", "explicit_masks", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # both below 2^31: (2^32 - 1)·MUL < 2^63
@@ -54,11 +54,12 @@ def stream_keys(seed: Tensor, num_experts: int) -> Tensor:
     return mix32(base ^ ((experts * _GOLDEN) & MASK32))
 
 
-def _gaps(key: Tensor, start: int, count: int, p: float) -> Tensor:
-    j = torch.arange(start, start + count, device=key.device, dtype=torch.int64)
-    h = mix32(mix32(j ^ key) ^ key)
+def _gaps(keys: Tensor, start: int, count: int, log_keep: Tensor) -> Tensor:
+    """(S, count) geometric gaps j = start … start + count − 1 of S streams."""
+    j = torch.arange(start, start + count, device=keys.device, dtype=torch.int64)
+    h = mix32(mix32(j[None, :] ^ keys[:, None]) ^ keys[:, None])
     u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
-    return torch.floor(torch.log(u) / math.log1p(-p)).to(torch.int64)
+    return torch.floor(torch.log(u) / log_keep[:, None]).to(torch.int64)
 
 
 def drop_positions(key: Tensor, p: float, n: int, *, chunk: int | None = None) -> Tensor:
@@ -68,20 +69,31 @@ def drop_positions(key: Tensor, p: float, n: int, *, chunk: int | None = None) -
     suffices); each chunk checks on the host whether the stream has passed n (on CUDA, one sync per
     chunk). The chunk size does not change the stream.
     """
-    if p <= 0.0 or n <= 0:
-        return torch.empty(0, dtype=torch.int64, device=key.device)
+    return drop_positions_many(key.reshape(1), [p], n, chunk=chunk)[0]
+
+
+def drop_positions_many(keys: Tensor, ps: Sequence[float], n: int, *, chunk: int | None = None) -> list[Tensor]:
+    """:func:`drop_positions` of several streams at once (one batch of gaps, one host check per chunk)."""
+    live = [i for i, p in enumerate(ps) if float(p) > 0.0]
+    out = [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in ps]
+    if not live or n <= 0:
+        return out
     if chunk is None:
-        chunk = int(math.ceil(n * p + 8.0 * math.sqrt(n * p * (1.0 - p)) + 16))
-    pieces, start, last = [], 0, key.new_full((), -1)
+        chunk = max(int(math.ceil(n * p + 8.0 * math.sqrt(n * p * (1.0 - p)) + 16)) for p in map(float, ps) if p > 0)
+    sub = keys.index_select(0, torch.tensor(live, device=keys.device))
+    log_keep = torch.tensor([math.log1p(-float(ps[i])) for i in live], dtype=torch.float64, device=keys.device)
+    pieces, start, last = [], 0, sub.new_full((len(live),), -1)
     while True:
-        pos = last + torch.cumsum(_gaps(key, start, chunk, p) + 1, 0)
+        pos = last[:, None] + torch.cumsum(_gaps(sub, start, chunk, log_keep) + 1, 1)
         pieces.append(pos)
-        last = pos[-1]
+        last = pos[:, -1]
         start += chunk
-        if int(last) >= n - 1:
+        if int(last.min()) >= n - 1:
             break
-    pos = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    return pos[pos < n]
+    pos = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    for row, i in enumerate(live):
+        out[i] = pos[row][pos[row] < n]
+    return out
 
 
 def explicit_masks(seed: Tensor, ps: Sequence[float], num_tokens: int, d_in: int) -> Tensor:
@@ -89,6 +101,6 @@ def explicit_masks(seed: Tensor, ps: Sequence[float], num_tokens: int, d_in: int
     materialised, for references and tests."""
     keys = stream_keys(seed, len(ps))
     masks = torch.ones(len(ps), num_tokens * d_in, dtype=torch.float32, device=seed.device)
-    for e, p in enumerate(ps):
-        masks[e, drop_positions(keys[e], float(p), num_tokens * d_in)] = 0.0
+    for e, flat in enumerate(drop_positions_many(keys, ps, num_tokens * d_in)):
+        masks[e, flat] = 0.0
     return masks.view(len(ps), num_tokens, d_in)
