@@ -12,10 +12,12 @@ Routing (``insert_routers``):
 - :func:`mix` / :func:`mix_heads`: ``y + Σ_i w[:, col_i]·Δ_i`` for token-major and head-major anchors.
 
 Fused LoRA sites (``lower_sparse_dispatch``): :func:`lowered_lora_site` (``moa_fx::lora_mixture`` or
-``moa_fx::grouped_lora``) and :func:`site_weights`, the router columns it reads.
+``moa_fx::grouped_lora``), :func:`dropout_lora_site` (``moa_fx::dropout_lora``: experts with input
+dropout) and :func:`site_weights`, the router columns they read.
 
 Shared-input GEMMs (``fuse_shared_input``): :func:`shared_input_projection` (one GEMM, then a split),
 and each reader rebuilt on its piece: :func:`expand_lora_site` (``moa_fx::lora_expand``),
+:func:`expand_dropout_lora_site` (``moa_fx::dropout_lora`` given z),
 :func:`lora_from_projection`, :func:`router_from_projection`, :func:`threshold_from_projection`.
 """
 
@@ -24,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import grouped_lora, lora_expand, lora_mixture
+from .kernels import dropout_lora, grouped_lora, lora_expand, lora_mixture
 
 __all__ = ["prompt_projection", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
-           "shared_input_projection", "expand_lora_site", "lora_from_projection", "router_from_projection",
+           "dropout_lora_site", "shared_input_projection", "expand_lora_site", "expand_dropout_lora_site", "lora_from_projection", "router_from_projection",
            "threshold_from_projection"]
 
 
@@ -135,6 +137,28 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
     return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
 
 
+def dropout_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, a_list: list[torch.Tensor],
+                      b_list: list[torch.Tensor], ranks: list[int], scales: list[float], cols: list[int], form: str,
+                      ps: list[float], seed: torch.Tensor | None) -> torch.Tensor:
+    """``y + Σ_e w[…, col_e]·s_e·B_e(A_e(dropout_e(x)))``, an independent mask per expert drawn from
+    ``seed`` (the site's ``DropoutSeed``: None in eval, then this is :func:`lowered_lora_site` in
+    ``form``); the router that made w read the undropped x (METHODS.md)."""
+    if seed is None:
+        return lowered_lora_site(y, x, w, a_list, b_list, ranks, scales, cols, form)
+    return _dropout_site(y, None, x, w, a_list, b_list, ranks, scales, cols, ps, seed)
+
+
+def _dropout_site(y, z, x, w, a_list, b_list, ranks, scales, cols, ps, seed):
+    dtype = y.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    z2 = None if z is None else z.reshape(-1, z.shape[-1])
+    weights = site_weights(w, cols, x2, len(ranks))
+    a_cat = torch.cat([a.to(dtype) for a in a_list], dim=0)
+    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
+    out = dropout_lora(y.reshape(-1, y.shape[-1]), x2, a_cat, b_cat, weights.to(dtype), seed, ranks, scales, ps, z=z2)
+    return out.reshape(y.shape)
+
+
 def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, num: int) -> torch.Tensor:
     """The (T, E) weights of a site's experts: the router columns ``cols`` of ``w``, or ones
     (no router) shaped by ``like``'s T rows."""
@@ -162,6 +186,18 @@ def expand_lora_site(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None, b
     weights = site_weights(w, cols, z2, len(ranks))
     b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
     return lora_expand(y2, z2, b_cat, weights.to(dtype), ranks, scales).reshape(y.shape)
+
+
+def expand_dropout_lora_site(y: torch.Tensor, z: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None,
+                             a_list: list[torch.Tensor], b_list: list[torch.Tensor], ranks: list[int],
+                             scales: list[float], cols: list[int], ps: list[float],
+                             seed: torch.Tensor | None) -> torch.Tensor:
+    """:func:`dropout_lora_site` for the site's ``z = x·A_catᵀ`` from the shared GEMM: the dropped
+    entries are subtracted from z (``(x ⊙ m)·Aᵀ = x·Aᵀ − (x ⊙ (1 − m))·Aᵀ``), so it is exact; in eval
+    (seed None) it is :func:`expand_lora_site`."""
+    if seed is None:
+        return expand_lora_site(y, z, w, b_list, ranks, scales, cols)
+    return _dropout_site(y, z, x, w, a_list, b_list, ranks, scales, cols, ps, seed)
 
 
 def lora_from_projection(z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -4,6 +4,9 @@
   every token, gated per token and expert. ``lora_mixture.py``.
 - :func:`lora_expand` (``moa_fx::lora_expand``): the mixture's second half, from a rank-space
   ``z = x·A_catᵀ`` computed by one GEMM shared with the other readers of x. ``lora_expand.py``.
+- :func:`dropout_lora` (``moa_fx::dropout_lora``): the mixture with an independent input-dropout
+  mask per expert, generated inside the op (and again in backward). ``dropout_lora.py``, its mask
+  ``dropout_mask.py``.
 - :func:`grouped_lora` (``moa_fx::grouped_lora``): same result, computed only at active
   (token, expert) pairs sorted by expert. ``grouped_lora.py``.
 - :func:`choose_form`: which of the two a site should use. ``cost.py``.
@@ -17,6 +20,7 @@ tensors runs the kernels in Triton's interpreter (tests only: slow).
 """
 
 from moa_fx.kernels.cost import choose_form
+from moa_fx.kernels.dropout_lora import dropout_lora, dropout_lora_reference
 from moa_fx.kernels.grouped_lora import grouped_lora
 from moa_fx.kernels.lora_expand import lora_expand
 from moa_fx.kernels.lora_mixture import BACKEND_ENV, lora_mixture, resolve_backend
@@ -27,6 +31,8 @@ __all__ = [
     "lora_mixture",
     "lora_expand",
     "grouped_lora",
+    "dropout_lora",
+    "dropout_lora_reference",
     "choose_form",
     "lora_mixture_reference",
     "lora_expand_reference",

@@ -18,7 +18,7 @@ from ..graph import shaped_like
 from ..spec import LoraExpert
 from .registry import ExpertKind, register
 
-__all__ = ["LoraKind", "LoraDelta", "SharedALoraDelta"]
+__all__ = ["LoraKind", "LoraDelta", "SharedALoraDelta", "DropoutSeed"]
 
 
 def _linear_weight(out_features: int, in_features: int, device, dtype) -> nn.Parameter:
@@ -26,6 +26,25 @@ def _linear_weight(out_features: int, in_features: int, device, dtype) -> nn.Par
     # nn.Linear's default: Kaiming-uniform with a = sqrt(5)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5))
     return nn.Parameter(w)
+
+
+class DropoutSeed(nn.Module):
+    """The dropout seed of a lowered site (``lower_sparse_dispatch``): in training a fresh int64 seed
+    from torch's generator on x's device (``torch.manual_seed`` reproduces it and activation
+    checkpointing's RNG replay draws it again), in eval None (no dropout). A child of every
+    :class:`LoraDelta` with dropout, beside its ``nn.Dropout``, so that ``train()``/``eval()`` switch
+    both alike (a HydraLoRA head has none: its sites are not lowered with dropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.training:
+            return None
+        return torch.randint(0, 2 ** 62, (), device=x.device)
+
+
+def _dropout(module: nn.Module, p: float, seed: bool) -> None:
+    module.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+    if p > 0 and seed:
+        module.seed = DropoutSeed()
 
 
 class LoraDelta(nn.Module):
@@ -37,7 +56,7 @@ class LoraDelta(nn.Module):
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.lora_A = _linear_weight(r, d_in, device, dtype)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _dropout(self, dropout, seed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
@@ -62,7 +81,7 @@ class SharedALoraDelta(nn.Module):
         else:
             self._shared = [shared]  # a plain list: not registered twice as a submodule
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _dropout(self, dropout, seed=False)
 
     @property
     def shared_A(self) -> torch.Tensor:

@@ -1,23 +1,26 @@
 """Fuse the skinny GEMMs that read one tensor into one GEMM followed by splits.
 
 Matches: every node x read by two or more *readers*, each a small projection of x:
-- a dense lowered LoRA site (a ``lowered_lora_site`` node, form "dense"): its ``x·A_catᵀ``;
+- a dense lowered LoRA site (a ``lowered_lora_site`` or ``dropout_lora_site`` node, form "dense"): its
+  ``x·A_catᵀ`` (with input dropout too: ``(x ⊙ m_e)·A_eᵀ = x·A_eᵀ − (x ⊙ (1 − m_e))·A_eᵀ``, and
+  ``expand_dropout_lora_site`` subtracts the dropped entries from its piece of the GEMM);
 - an unlowered LoRA expert without input dropout (a LoRA slot of ``ctx.slots`` whose Δ node is
-  still in the graph): its ``x·Aᵀ``;
+  still in the graph, ``lower="off"``): its ``x·Aᵀ``;
 - a router (``ctx.routers``' logits node): ``W x`` (linear) or ``W₁x`` and ``W₃x`` (SwiGLU);
 - a learned threshold (``ctx.routers``' τ node): ``W_t x``.
 In a LLaMA block with ``sparse_moa``, q, k and v's LoRA experts and the block router all read the
-attention norm's output: four GEMMs become one. With ``adamole`` the q, k and v
-routers and thresholds (six GEMMs) become one; its experts keep their own dropped inputs.
+attention norm's output: four GEMMs become one. With ``adamole`` (lowered) the q, k and v sites'
+24 experts, routers and thresholds become one GEMM.
 Emits: ``z = shared_input_projection(x, [W…], sizes)`` (one ``torch.cat`` of the stacked weights,
 one GEMM, one split) after x, a ``getitem`` per reader, and each reader rebuilt on its piece:
 ``expand_lora_site`` (``moa_fx::lora_expand``: the lowered mixture's second half),
+``expand_dropout_lora_site`` (``moa_fx::dropout_lora`` given z),
 ``lora_from_projection``, ``router_from_projection``, ``threshold_from_projection``. Weights stay
 the same parameters (read through ``get_attr``), so state dicts and gradients are unchanged; the
 results equal the unfused graph's up to rounding: the GEMM's summation order, and in bf16 the
 rank-space ``z`` is rounded to bf16 before gating (the unfused mixture kernel keeps it in fp32).
 Kept apart (recorded with the reason): the grouped LoRA form (it computes A only at active pairs),
-experts with input dropout (each reads its own dropped copy of x), a threshold under MoA's rule (it
+unlowered experts with input dropout (each reads its own dropped copy of x through its nn.Dropout), a threshold under MoA's rule (it
 gets no gradient, so its ``.grad`` must stay None, not become zeros), and weights whose dtype
 differs from x's. Records: one PassRecord per input with a fused group or a reader kept apart
 (``outcome`` "fused" or "kept"; ``parts``: each fused reader's kind, one of "lowered_lora", "lora",
@@ -79,18 +82,22 @@ def _param(ctx: PassContext, target: str, anchor: fx.Node, site: str) -> fx.Node
 
 def _lowered_sites(ctx: PassContext, names: dict[str, fx.Node]) -> Iterator[Reader | Kept]:
     for node in names.values():
-        if node.op != "call_function" or node.target is not ops.lowered_lora_site:
+        if node.op != "call_function" or node.target not in (ops.lowered_lora_site, ops.dropout_lora_site):
             continue
-        _, x, _, a_nodes, _, ranks, _, _, form = node.args
+        _, x, _, a_nodes, _, ranks, _, _, form = node.args[:9]
         if form != "dense":
             yield Kept(node, x, "grouped_form")
             continue
 
         def rebuild(ctx, old, piece):
-            y, _, w, _, b_nodes, ranks, scales, cols, _ = old.args  # read now: earlier rewrites may have moved them
-            new = new_node(ctx, "call_function", ops.expand_lora_site, (y, piece, w, b_nodes, ranks, scales, cols),
-                           anchor=y, pass_name=PASS, site=site_of(old), role="fused dense LoRA expand",
-                           val=old.meta.get("val"))
+            y, x, w, a_nodes, b_nodes, ranks, scales, cols, _ = old.args[:9]  # read now: earlier rewrites may move them
+            if old.target is ops.dropout_lora_site:  # the dropped entries are subtracted from the piece: exact
+                target, args = ops.expand_dropout_lora_site, (y, piece, x, w, a_nodes, b_nodes, ranks, scales, cols,
+                                                              *old.args[9:])
+            else:
+                target, args = ops.expand_lora_site, (y, piece, w, b_nodes, ranks, scales, cols)
+            new = new_node(ctx, "call_function", target, args, anchor=y, pass_name=PASS, site=site_of(old),
+                           role="fused dense LoRA expand", val=old.meta.get("val"))
             new.meta[LOWERING_KEY] = old.meta.get(LOWERING_KEY)
             return new
 

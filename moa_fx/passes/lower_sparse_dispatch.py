@@ -9,12 +9,18 @@ some of the combine's experts (the others stay in a plain combine after the fuse
 the fused node. The first row whose checks hold rewrites the combine; when none does, the site is
 kept with the last row's reason (rows go from the most specialised to the most general).
 
-Today's one row, ``lora_mixture``: the LoRA experts of a ``mix``, reading one input x, with no input
-dropout (per-expert dropout needs one dropped copy of x per expert, which the fused ops do not
-take). Emits: ``y' = lowered_lora_site(y, x, w, [A…], [B…], ranks, scales, cols, form)`` reading
-the expert parameters through ``get_attr`` nodes, which calls ``moa_fx::lora_mixture``
-(dense-masked) or ``moa_fx::grouped_lora`` (active pairs only) — Triton on CUDA, the torch
-reference elsewhere — and erases the lowered Δ nodes and the combine. The chosen form and the
+The rows, in order:
+- ``dropout_lora``: the LoRA experts of a ``mix``, reading one input x, at least one with input
+  dropout, each with its own A (HydraLoRA's heads share A and, in METHODS.md, one mask: kept). Emits ``seed = <first dropped expert>.seed(x)`` (its :class:`~moa_fx.kinds.lora.DropoutSeed`:
+  a fresh seed per call in training, None in eval, switched by ``train()``/``eval()`` like the
+  experts' ``nn.Dropout``) and ``y' = dropout_lora_site(y, x, w, [A…], [B…], ranks, scales, cols,
+  form, ps, seed)``, which calls ``moa_fx::dropout_lora`` (an independent mask per expert, made in the
+  op) in training and ``lowered_lora_site`` in ``form`` in eval.
+- ``lora_mixture``: the same experts with no input dropout. Emits
+  ``y' = lowered_lora_site(y, x, w, [A…], [B…], ranks, scales, cols, form)``, which calls
+  ``moa_fx::lora_mixture`` (dense-masked) or ``moa_fx::grouped_lora`` (active pairs only).
+Both read the expert parameters through ``get_attr`` nodes, run Triton on CUDA and the torch
+reference elsewhere, and erase the lowered Δ nodes and the combine. The chosen form and the
 reason are stored on the node (``meta[LOWERING_KEY]``) and in ``ctx.lowering`` for the CLI.
 Records: one PassRecord per site, lowered or kept (``outcome``: the form; ``reason``: a code).
 
@@ -38,7 +44,7 @@ from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
 from .base import ExpertSlot, PassContext, PassRecord, lora_weight_targets, new_node, weight_columns
 
-__all__ = ["lower_sparse_dispatch", "plan_lowering", "decide", "Lowering", "Match", "Emitted", "LOWERINGS",
+__all__ = ["lower_sparse_dispatch", "plan_lowering", "decide", "dropout_reason", "Lowering", "Match", "Emitted", "LOWERINGS",
            "REASONS", "NOMINAL_TOKENS"]
 
 PASS = "lower_sparse_dispatch"
@@ -48,6 +54,8 @@ REASONS = {  # reason code -> its words in ctx.lowering and the records' notes
     "no_lora": "no LoRA experts",
     "inputs_differ": "experts read different inputs",
     "dropout": "per-expert input dropout (set dropout = 0 to lower)",
+    "no_dropout": "no input dropout (the lora_mixture row applies)",
+    "shared_a": "input dropout before a shared A (HydraLoRA): one mask for every head",
     "cost_model": "cost model",
     "forced": "forced",
 }
@@ -110,7 +118,21 @@ def _no_dropout(ctx: PassContext, m: Match) -> str | None:
     return "dropout" if dropped else None
 
 
-def _emit_lora_mixture(ctx: PassContext, m: Match, form: str) -> Emitted:
+def _dropout_ps(ctx: PassContext, m: Match) -> list[float]:
+    return [float(getattr(ctx.gm.get_submodule(s.module).dropout, "p", 0.0)) for s in m.slots]
+
+
+def _has_dropout(ctx: PassContext, m: Match) -> str | None:
+    if not any(_dropout_ps(ctx, m)):
+        return "no_dropout"
+    # a HydraLoRA head (shared A) has no seed: METHODS.md drops x once before the shared A, which an
+    # independent mask per expert would not reproduce
+    return None if all(hasattr(ctx.gm.get_submodule(s.module), "seed") for s in m.slots) else "shared_a"
+
+
+def _lora_site_args(ctx: PassContext, m: Match, form: str):
+    """The fused node's leading arguments ``(y, x, w, [A…], [B…], ranks, scales, cols, form)``, the
+    get_attr nodes added, and the decision of :func:`decide`."""
     modules = [ctx.gm.get_submodule(s.module) for s in m.slots]
     ranks = [mod.r for mod in modules]
     scales = [float(mod.scale) for mod in modules]
@@ -119,17 +141,39 @@ def _emit_lora_mixture(ctx: PassContext, m: Match, form: str) -> Emitted:
     val = m.y.meta.get("val")
     dtype = val.dtype if val is not None else torch.float32
     device = val.device if val is not None else torch.device("cpu")
-    chosen, code, reason = decide(ctx.spec, ranks, dtype, device, a0.shape[1], b0.shape[0], form)
+    decision = decide(ctx.spec, ranks, dtype, device, a0.shape[1], b0.shape[0], form)
     params = [new_node(ctx, "get_attr", t, (), anchor=m.y, pass_name=PASS, site=m.site, role="expert weight")
               for pair in targets for t in pair]
     x = ctx.node(m.slots[0].input)
-    node = new_node(ctx, "call_function", ops.lowered_lora_site,
-                    (m.y, x, m.w, params[0::2], params[1::2], ranks, scales, list(m.cols), chosen), anchor=m.y,
-                    pass_name=PASS, site=m.site, role=f"fused {chosen} LoRA mixture", val=val)
-    return Emitted(node, chosen, code, reason, [p.name for p in params] + [node.name])
+    args = (m.y, x, m.w, params[0::2], params[1::2], ranks, scales, list(m.cols), decision[0])
+    return args, [p.name for p in params], decision
+
+
+def _emit_lora_mixture(ctx: PassContext, m: Match, form: str) -> Emitted:
+    args, added, (chosen, code, reason) = _lora_site_args(ctx, m, form)
+    node = new_node(ctx, "call_function", ops.lowered_lora_site, args, anchor=m.y, pass_name=PASS, site=m.site,
+                    role=f"fused {chosen} LoRA mixture", val=m.y.meta.get("val"))
+    return Emitted(node, chosen, code, reason, added + [node.name])
+
+
+def _emit_dropout_lora(ctx: PassContext, m: Match, form: str) -> Emitted:
+    args, added, (chosen, code, reason) = _lora_site_args(ctx, m, form)
+    ps = _dropout_ps(ctx, m)
+    owner = next(s for s, p in zip(m.slots, ps) if p > 0)
+    seed = new_node(ctx, "call_module", f"{owner.module}.seed", (args[1],), anchor=m.y, pass_name=PASS, site=m.site,
+                    role="dropout seed")
+    node = new_node(ctx, "call_function", ops.dropout_lora_site, (*args, ps, seed), anchor=m.y, pass_name=PASS,
+                    site=m.site, role="fused dropout LoRA mixture", val=m.y.meta.get("val"))
+    return Emitted(node, chosen, code, dropout_reason(ps, reason), added + [seed.name, node.name])
+
+
+def dropout_reason(ps: list[float], reason: str) -> str:
+    """The lowering note of a site with input dropout: training runs ``dropout_lora``, eval the form."""
+    return f"input dropout {sorted(set(ps))}: moa_fx::dropout_lora in training; in eval {reason}"
 
 
 LOWERINGS: tuple[Lowering, ...] = (
+    Lowering("dropout_lora", ops.mix, _is_lora, (_has_experts, _one_input, _has_dropout), _emit_dropout_lora),
     Lowering("lora_mixture", ops.mix, _is_lora, (_has_experts, _one_input, _no_dropout), _emit_lora_mixture),
 )
 
@@ -167,12 +211,14 @@ def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[st
     for p in plan.placements:
         if not isinstance(p.rule, LoraExpert):
             continue
-        if p.rule.dropout > 0:
-            out[p.site.path] = {"form": "unlowered", "reason": REASONS["dropout"]}
-            continue
         weight = gm.get_parameter(p.site.weight)
         chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
                                    p.site.d_out, form)
+        if p.rule.dropout > 0 and p.rule.share_a:
+            out[p.site.path] = {"form": "unlowered", "reason": REASONS["dropout"]}
+            continue
+        if p.rule.dropout > 0:
+            reason = dropout_reason([float(p.rule.dropout)] * len(p.rule.ranks), reason)
         out[p.site.path] = {"form": chosen, "reason": reason}
     return out
 

@@ -158,14 +158,21 @@ def test_fusion_is_exact_in_float64():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(float(b.abs().max()), 1.0))
 
 
-def test_adamole_fuses_routers_and_thresholds_not_dropped_experts(llama):
-    moa = transform(llama, "adamole")
-    num_experts = len(presets.get("adamole").experts[0].ranks)
-    nodes = _fused_nodes(moa)
+def test_adamole_fuses_its_experts_routers_and_thresholds(llama):
+    """Lowered, AdaMoLE's experts join the shared GEMM despite their input dropout (the dropped entries
+    are subtracted from the GEMM's piece: tests/passes/test_dropout_lowering.py); unlowered, each
+    expert reads its own dropped copy of x through its nn.Dropout and stays apart."""
+    (expert,) = presets.get("adamole").experts
+    num_experts = len(expert.ranks)
+    nodes = _fused_nodes(moa := transform(llama, "adamole"))
     assert nodes
-    for node in nodes:  # τ (1 column) and E router logits per site; no LoRA A (dropout)
+    for node in nodes:  # τ (1 column), E router logits and the site's A_cat (E·r rows) per site
+        assert set(node.args[2]) == {1, num_experts, sum(expert.ranks)}
+    assert "dropout" not in _kept_reasons(moa)
+    unlowered = transform(llama, "adamole", lower="off")
+    for node in _fused_nodes(unlowered):
         assert set(node.args[2]) == {1, num_experts}
-    assert "dropout" in _kept_reasons(moa)  # each expert reads its own dropped copy of x
+    assert "dropout" in _kept_reasons(unlowered)
 
 
 # compile hygiene of fused graphs: tests/test_runtime.py compiles the default (fused) pipeline

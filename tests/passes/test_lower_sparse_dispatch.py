@@ -9,7 +9,7 @@ import torch
 
 from moa_fx import load_spec, transform
 from moa_fx.graph import LOWERING_KEY
-from moa_fx.ops import expand_lora_site, lowered_lora_site
+from moa_fx.ops import expand_dropout_lora_site, expand_lora_site, lowered_lora_site
 from tiny import randomize_adapters, tiny_model, tokens
 
 # presets with LoRA mixtures (the others have nothing to lower)
@@ -64,14 +64,17 @@ def test_lowered_equals_unlowered(llama, name):
         assert {k for k, v in low.lowering.items() if v["form"] == form} == lora_sites
 
 
-def test_dropout_sites_are_kept_with_a_reason(llama):
-    moa = transform(llama, "adamole")  # dropout 0.05 per expert
-    reasons = {v["reason"] for v in moa.lowering.values()}
-    assert reasons == {"per-expert input dropout (set dropout = 0 to lower)"}
+def test_dropout_sites_lower_to_the_dropout_row(llama):
+    """AdaMoLE's experts (input dropout 0.05 each) lower by the dropout_lora row: every site is lowered,
+    its reason names the dropout, and no site is kept for it any more."""
+    moa = transform(llama, "adamole")
+    assert moa.lowering and all(v["form"] == "dense" and v["reason"].startswith("input dropout [0.05]")
+                                for v in moa.lowering.values())
     records = [r for r in moa.records if r.pass_name == "lower_sparse_dispatch"]
     assert len(records) == len(moa.lowering)
-    assert all(r.outcome == "unlowered" and r.reason == "dropout" and r.experts > 0 and not r.added for r in records)
-    assert not [n for n in moa.graph_module.graph.nodes if n.target is lowered_lora_site]
+    assert all(r.outcome == "dense" and r.reason == "cost_model" and r.experts == 8 and r.added for r in records)
+    targets = {n.target for n in moa.graph_module.graph.nodes}
+    assert lowered_lora_site not in targets and expand_dropout_lora_site in targets
 
 
 def test_auto_records_the_cost_model_choice(llama):
@@ -104,7 +107,7 @@ def test_a_row_added_to_the_table_lowers_what_it_takes(llama, monkeypatch):
 
     row = lsd.Lowering("replay_dropout_lora", ops.mix, lsd._is_lora, (lsd._has_experts, dropped), emit)
     monkeypatch.setattr(lsd, "LOWERINGS", (row, *lsd.LOWERINGS))
-    ref = transform(llama, "adamole", lower="off")  # dropout 0.05 per expert: lora_mixture keeps every site
+    ref = transform(llama, "adamole", lower="off")  # dropout 0.05 per expert: the test row takes every site
     randomize_adapters(ref, std=0.1)
     moa = transform(llama, "adamole")
     moa.adapters.load_state_dict(ref.adapters.state_dict())
