@@ -35,7 +35,8 @@ from typing import NamedTuple
 # call: routing, combines, the fused ops and the router modules; pure tensor code that imports no
 # pass, so a pass can import the op it emits a call to). Expert kinds come after spec (each kind's spec
 # class registers with the parser) and before sites (a kind names the site pool it is placed on). Patterns are fnmatch globs over dotted module names;
-# the first row that matches a module places it.
+# the first row that matches a module places it. Within the last layer, the CLI reaches eval (the [eval] extra)
+# only inside functions of cli.real_task, the default run of `moa-fx train` (tests/test_structure.py checks it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("moa_fx.errors", "moa_fx.fileio", "moa_fx.graph")),
     ("ops/kernels", ("moa_fx.ops", "moa_fx.ops.*", "moa_fx.modules", "moa_fx.kernels", "moa_fx.kernels.*")),

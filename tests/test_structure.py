@@ -73,3 +73,13 @@ def test_import_graph_sees_deferred_imports(tmp_path):
     assert [(e.importer, e.imported, e.deferred) for e in graph.import_edges(tmp_path)] == [
         ("moa_fx.runtime", "moa_fx.spec", False), ("moa_fx.spec", "moa_fx.runtime", True),
         ("moa_fx.stray", "moa_fx.runtime", False)]
+
+
+def test_only_the_cli_default_run_imports_the_eval_package():
+    """moa_fx.eval sits behind the [eval] extra: the compiler and the trainer (moa_fx.train) never import it
+    (LAYERS puts them before it); the CLI reaches it only inside functions of moa_fx.cli.real_task, the
+    default run of ``moa-fx train``, so ``import moa_fx.cli`` and ``--model small-llama`` load none of it."""
+    edges = _import_graph().import_edges(ROOT)
+    into_eval = {(e.importer, e.deferred) for e in edges
+                 if e.imported.startswith("moa_fx.eval") and not e.importer.startswith("moa_fx.eval")}
+    assert into_eval == {("moa_fx.cli.real_task", True)}

@@ -124,3 +124,22 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 def test_max_grad_norm_must_not_be_negative(tmp_path):
     with pytest.raises(SettingError, match="--max-grad-norm = -1.0 must be >= 0"):
         TrainConfig(out=str(tmp_path), max_grad_norm=-1.0)
+
+
+def test_score_sees_the_base_model_before_and_the_trained_model_after(tmp_path):
+    """The caller's held-out score (the CLI's task accuracy) joins the evaluations of step 0, computed on the
+    untouched base model, and of the last step, on the MoAModel; the evaluations between hold the loss only."""
+    from moa_fx import MoAModel
+
+    seen = []
+
+    def score(model):
+        seen.append(model)
+        return {"score": float(len(seen))}
+
+    base = load_model("tiny-llama")[0]
+    cfg = TrainConfig(out=str(tmp_path), **{**SMALL, "steps": 4, "eval_every": 2, "save_every": 4})
+    result = train(cfg, base, score=score)
+    assert len(seen) == 2 and seen[0] is base and isinstance(seen[1], MoAModel)
+    assert [e["step"] for e in result.evals] == [0, 2, 4]
+    assert result.evals[0]["score"] == 1.0 and "score" not in result.evals[1] and result.evals[2]["score"] == 2.0

