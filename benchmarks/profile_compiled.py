@@ -15,8 +15,8 @@ every variant with ``torch.profiler`` and sorts each event's *self* CPU time int
 - ``custom op``      ``moa_fx::*`` (the lowered sites' fused ops, their torch path beneath them);
 - ``copy / cat``, ``gather / scatter / sort``, ``alloc / fill``, ``other aten``: ATen ops that
                      Inductor left as fallbacks (or eager code: optimizer, loss glue);
-- ``optimizer``      AdamW's per-parameter ops (``_foreach_*`` or the single-tensor loop's own
-                     range);
+- ``optimizer``      every op inside AdamW's ``Optimizer.step`` range (eager, not compiled: the
+                     single-tensor loop's per-parameter ops);
 - ``graph wrapper``  the compiled graph's own Python (``CompiledFunction``, ``Call CompiledFxGraph``,
                      Dynamo's guards) and the autograd engine's glue;
 - ``outside ops``    wall time of the profiled step that no event covers (Python between calls).
