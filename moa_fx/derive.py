@@ -405,7 +405,8 @@ def _causal_mask(mask: Any, placeholders: dict[str, fx.Node], mask_input: str) -
                 value = fn(*feed)
         except Exception:  # an input this check cannot fake: leave the mask alone
             return False
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (seq, seq):
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (seq, seq) \
+                or value.device.type == "meta":  # meta: no values (derived again once materialised)
             return False
         value = value.cpu()
         tril = torch.ones(seq, seq, dtype=torch.bool).tril().expand_as(value)

@@ -168,6 +168,8 @@ class MoAModel(nn.Module):
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
         self.register_state_dict_post_hook(_adapters_only_state_dict)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
+        if self._causal:  # the graph of a call without a mask, ready before a compiled forward needs it
+            self._get(first.key._replace(causal=True))
 
     # ------------------------------------------------------------------------------------------
     # state and derived graphs
@@ -273,6 +275,8 @@ class MoAModel(nn.Module):
         made.seconds = time.perf_counter() - start
         self._graphs[key] = made
         self.derivations.append((str(key), made.how, made.seconds))
+        if key.purpose == "forward" and not (key.causal or key.packed) and self._causal:
+            self._get(key._replace(causal=True))  # as in __init__: no graph break in a compiled call without a mask
         return made
 
     def _checkpoint_rewrite(self, gm):
@@ -681,14 +685,9 @@ class MoAModel(nn.Module):
             e = len(info.expert_ids)
             values = vec.detach().float().cpu().tolist()
             rate, gate, tau = values[:e], values[e:2 * e], values[2 * e]
-            out[key] = {
-                "experts": list(info.expert_ids),
-                "activation_rate": rate,
-                "gate_mean": gate,
-                "mean_active": float(sum(rate)),
-                "threshold_mean": None if math.isnan(tau) else tau,
-                "layer": layer_index(key),
-            }
+            out[key] = {"experts": list(info.expert_ids), "activation_rate": rate, "gate_mean": gate,
+                        "mean_active": float(sum(rate)), "threshold_mean": None if math.isnan(tau) else tau,
+                        "layer": layer_index(key)}
         return out
 
     # ------------------------------------------------------------------------------------------

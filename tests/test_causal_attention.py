@@ -108,3 +108,16 @@ def test_a_sliding_window_model_keeps_its_mask():
     moa = transform(tiny_model("mistral", sliding_window=4), "sparse_moa")
     moa.eval()
     assert moa.derived(causal=True).gm is moa.derived().gm
+
+
+def test_a_compiled_call_without_a_mask_has_no_graph_break():
+    """The causal graph is derived with the forward graph, so a compiled forward never derives one
+    (``_derive`` is ``torch.compiler.disable``d: deriving inside a compiled call breaks the graph)."""
+    moa = transform(tiny_model("llama"), "sparse_moa")
+    moa.train()
+    assert any(key.endswith("/causal") for key, _, _ in moa.derivations)
+    torch._dynamo.reset()
+    compiled = torch.compile(moa, backend="eager", fullgraph=True)  # fullgraph: a break raises
+    ids = tokens(2, 9)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, moa(input_ids=ids, labels=ids).loss, rtol=1e-6, atol=1e-6)
