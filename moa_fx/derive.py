@@ -19,6 +19,9 @@ cached (KV cache in and out)  a capture with the cache as graph inputs and outpu
                               passes; serves prefill (S ≥ 2) and one-token decode steps (S = 1)
 cached, last logits           :func:`keep_last_logits` of the cached graph (a rewrite: the LM head
                               reads the last position only, as ``logits_to_keep=1`` does)
+forward, causal               :func:`causal_attention` of the forward graph, for calls without an
+                              attention mask (a rewrite: SDPA ``is_causal=True`` instead of the
+                              causal mask materialised from the all-ones mask input)
 ============================  ===================================================================
 
 Moving the model to another device or dtype drops every graph: the next one is captured for the
@@ -50,7 +53,7 @@ from .sites import find_sites
 from .spec import Spec
 
 __all__ = ["GraphKey", "Derived", "DeriveOptions", "derive_by_capture", "strip_dropout", "checkpoint_blocks",
-           "keep_last_logits", "keep_hidden", "has_dropout", "has_mode_ops", "PURPOSES"]
+           "keep_last_logits", "keep_hidden", "causal_attention", "has_dropout", "has_mode_ops", "PURPOSES"]
 
 PURPOSES = ("forward", "cached")
 aten = torch.ops.aten
@@ -71,12 +74,13 @@ class GraphKey(NamedTuple):
     hidden: bool = False  # also returns every layer's hidden states (a capture with output_hidden_states)
     backbone: bool = False  # returns the LM head's input (the last hidden state) instead of the logits
     packed: bool = False  # input_ids and position_ids, no mask: rows packed from several sequences (a capture)
+    causal: bool = False  # called without an attention mask: SDPA is_causal instead of the mask (a rewrite)
 
     def __str__(self) -> str:
         parts = [self.purpose, "train" if self.dropout else "eval"]
         parts += ["checkpointing"] * self.checkpointing + ["last logits"] * self.last_logits
         parts += ["inputs_embeds"] * self.embeds + ["hidden states"] * self.hidden + ["backbone"] * self.backbone
-        parts += ["packed"] * self.packed
+        parts += ["packed"] * self.packed + ["causal"] * self.causal
         return "/".join(parts)
 
 
@@ -308,6 +312,120 @@ def keep_hidden(gm: fx.GraphModule, head_path: str) -> fx.GraphModule:
     new.graph.lint()
     new.recompile()
     return new
+
+
+# ops a plain causal mask is built from (transformers' sdpa_mask under tracing): index arithmetic
+# and comparisons, no subtraction or division (a sliding window or chunked mask needs those)
+_MASK_OPS = {aten.sym_size.int, aten.arange.default, aten.arange.start, aten.arange.start_step, aten.slice.Tensor,
+             aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default, aten.le.Tensor,
+             aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.to.device, aten.to.dtype, aten.to.dtype_layout,
+             aten._to_copy.default, aten.new_ones.default, aten.__and__.Tensor, aten.bitwise_and.Tensor,
+             aten.logical_and.default, aten.index.Tensor, aten.where.self, aten.where.ScalarOther,
+             aten.scalar_tensor.default, aten.full.default, aten.add.Tensor}
+# the sizes the rewrite checks a mask at: the mask must equal tril at each (batch, sequence)
+_MASK_CHECKS = ((1, 3), (2, 7), (3, 16))
+
+
+def causal_attention(gm: fx.GraphModule, mask_input: str = "attention_mask") -> fx.GraphModule:
+    """The graph a call without an attention mask runs: SDPA says ``is_causal=True`` instead of reading
+    the causal mask the capture materialised from the (then all-ones) ``mask_input``, as transformers
+    itself does eagerly when no mask is given. On CPU the materialised mask costs ~10% of SDPA's
+    forward and a kernel per step that builds it (benchmarks/results/PROFILE_sparse_moa_compiled.md).
+
+    Matches: base-model SDPA nodes without dropout whose ``attn_mask`` is computed only from the graph
+    inputs through :data:`_MASK_OPS` (``add`` of a literal 0 only), and which evaluate to the lower
+    triangle at every size in :data:`_MASK_CHECKS` when ``mask_input`` is all ones. Emits: the same
+    SDPA with ``attn_mask=None, is_causal=True``; the mask nodes become dead code and are removed.
+    Returns ``gm`` itself when nothing matches."""
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    if mask_input not in placeholders:
+        return gm
+    targets = [n for n in gm.graph.nodes if _is_base_node(n) and n.target is _SDPA and _sdpa_dropout(n) in (0, 0.0)
+               and not _sdpa_flag(n, 5, "is_causal") and _causal_mask(_sdpa_mask(n), placeholders, mask_input)]
+    if not targets:
+        return gm
+    new = copy_graph_module(gm)
+    names = {n.name for n in targets}
+    for node in new.graph.nodes:
+        if node.op == "call_function" and node.name in names:
+            args, kwargs = list(node.args[:3]), dict(node.kwargs)
+            kwargs.update(attn_mask=None, dropout_p=0.0, is_causal=True)
+            for i, name in ((6, "scale"), (7, "enable_gqa")):
+                if len(node.args) > i:
+                    kwargs[name] = node.args[i]
+            node.args, node.kwargs = tuple(args), kwargs
+    new.graph.eliminate_dead_code()
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _sdpa_mask(node: fx.Node) -> Any:
+    return node.kwargs["attn_mask"] if "attn_mask" in node.kwargs else (node.args[3] if len(node.args) > 3 else None)
+
+
+def _sdpa_flag(node: fx.Node, index: int, name: str) -> Any:
+    return node.kwargs[name] if name in node.kwargs else (node.args[index] if len(node.args) > index else False)
+
+
+def _causal_mask(mask: Any, placeholders: dict[str, fx.Node], mask_input: str) -> bool:
+    """Whether ``mask`` is built from the inputs by index arithmetic only and is the lower triangle
+    (bool: True below the diagonal; float: 0 there, ≤ -1e4 above) whenever ``mask_input`` is all ones."""
+    if not isinstance(mask, fx.Node):
+        return False
+    nodes: list[fx.Node] = []
+    stack = [mask]
+    while stack:
+        n = stack.pop()
+        if n in nodes:
+            continue
+        if n.op == "placeholder":
+            nodes.append(n)
+            continue
+        if n.op != "call_function" or n.target not in _MASK_OPS:
+            return False
+        if n.target is aten.add.Tensor and not any(a == 0 and not isinstance(a, bool) for a in n.args[1:]):
+            return False
+        nodes.append(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(mask.graph.nodes)}
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = sorted((n for n in nodes if n.op == "placeholder"), key=order.get)
+    for n in sorted(nodes, key=order.get):
+        env[n] = sub.placeholder(n.name) if n.op == "placeholder" else sub.node_copy(n, lambda a: env[a])
+    sub.output(env[mask])
+    fn = fx.GraphModule(torch.nn.Module(), sub)
+    for batch, seq in _MASK_CHECKS:
+        feed = [_example_input(p, batch, seq, ones=p.name == mask_input) for p in inputs]
+        if any(f is None for f in feed):
+            return False
+        try:
+            with torch.no_grad():
+                value = fn(*feed)
+        except Exception:  # an input this check cannot fake: leave the mask alone
+            return False
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (seq, seq) \
+                or value.device.type == "meta":  # meta: no values (derived again once materialised)
+            return False
+        value = value.cpu()
+        tril = torch.ones(seq, seq, dtype=torch.bool).tril().expand_as(value)
+        if value.dtype == torch.bool:
+            ok = torch.equal(value, tril)
+        else:
+            ok = bool((value[tril] == 0).all()) and bool((value[~tril] <= -1e4).all())
+        if not ok:
+            return False
+    return True
+
+
+def _example_input(node: fx.Node, batch: int, seq: int, ones: bool) -> torch.Tensor | None:
+    """A (batch, seq, …) tensor like placeholder ``node``'s value: ones for the mask, zeros otherwise."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    rest = [int(d) for d in val.shape[2:]]
+    return (torch.ones if ones else torch.zeros)(batch, seq, *rest, dtype=val.dtype)
 
 
 def _lm_head(gm: fx.GraphModule, head_path: str) -> fx.Node:

@@ -45,8 +45,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from . import adapter_files
-from .derive import (Derived, DeriveOptions, GraphKey, block_paths, checkpoint_blocks, derive_by_capture,
-                     has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
+from .derive import (Derived, DeriveOptions, GraphKey, block_paths, causal_attention, checkpoint_blocks,
+                     derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
 from .errors import InputError, MoaFxError
 from .graph import ADAPTER_ROOT
 from .inputs import learned_positions, lm_inputs, plain_inputs
@@ -168,6 +168,8 @@ class MoAModel(nn.Module):
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
         self.register_state_dict_post_hook(_adapters_only_state_dict)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
+        if self._causal:  # the graph of a call without a mask, ready before a compiled forward needs it
+            self._get(first.key._replace(causal=True))
 
     # ------------------------------------------------------------------------------------------
     # state and derived graphs
@@ -221,24 +223,26 @@ class MoAModel(nn.Module):
         return torch.device("cpu"), torch.float32
 
     def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None,
-             embeds: bool = False, hidden: bool = False, backbone: bool = False, packed: bool = False) -> GraphKey:
+             embeds: bool = False, hidden: bool = False, backbone: bool = False, packed: bool = False,
+             causal: bool = False) -> GraphKey:
         """The key of the graph a call needs now: the base model's mode decides dropout and checkpointing."""
         train = self.model.training
         if checkpointing is None:
             checkpointing = self._checkpointing is not None and train
         return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits, embeds, hidden, backbone,
-                        packed)
+                        packed, causal)
 
     def derived(self, purpose: str = "forward", *, last_logits: bool = False, embeds: bool = False,
-                hidden: bool = False, backbone: bool = False, packed: bool = False) -> Derived:
-        """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use.
+                hidden: bool = False, backbone: bool = False, packed: bool = False, causal: bool = False) -> Derived:
+        """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use
+        (``causal``: for a call without an attention mask, SDPA ``is_causal`` instead of the mask).
 
         ``model.derived("cached").gm`` is the KV-cache graph: compile it with ``torch.compile`` like
         any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
         if purpose not in ("forward", "cached"):
             raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
         return self._get(self._key(purpose, last_logits, embeds=embeds, hidden=hidden, backbone=backbone,
-                                   packed=packed))
+                                   packed=packed, causal=causal and purpose == "forward" and not packed))
 
     @torch.compiler.disable
     def _derive(self, key: GraphKey) -> Derived:
@@ -254,6 +258,8 @@ class MoAModel(nn.Module):
         elif key.backbone:
             source, rewrite, name = key._replace(backbone=False), lambda gm: keep_hidden(gm, self._head_path()), \
                 "keep_hidden"
+        elif key.causal:
+            source, rewrite, name = key._replace(causal=False), causal_attention, "causal_attention"
         elif not key.dropout and self._has_dropout and not self._mode_ops:
             source, rewrite, name = key._replace(dropout=True), strip_dropout, "strip_dropout"
         else:
@@ -269,6 +275,8 @@ class MoAModel(nn.Module):
         made.seconds = time.perf_counter() - start
         self._graphs[key] = made
         self.derivations.append((str(key), made.how, made.seconds))
+        if key.purpose == "forward" and not (key.causal or key.packed) and self._causal:
+            self._get(key._replace(causal=True))  # as in __init__: no graph break in a compiled call without a mask
         return made
 
     def _checkpoint_rewrite(self, gm):
@@ -454,7 +462,8 @@ class MoAModel(nn.Module):
             else:
                 cache = None
         else:
-            derived = self.derived(embeds=embeds is not None, hidden=hidden, backbone=backbone, packed=packed)
+            derived = self.derived(embeds=embeds is not None, hidden=hidden, backbone=backbone, packed=packed,
+                                   causal=mask is None)
             if packed:
                 second = call["position_ids"].expand(tokens.shape).contiguous()
             else:
@@ -676,14 +685,9 @@ class MoAModel(nn.Module):
             e = len(info.expert_ids)
             values = vec.detach().float().cpu().tolist()
             rate, gate, tau = values[:e], values[e:2 * e], values[2 * e]
-            out[key] = {
-                "experts": list(info.expert_ids),
-                "activation_rate": rate,
-                "gate_mean": gate,
-                "mean_active": float(sum(rate)),
-                "threshold_mean": None if math.isnan(tau) else tau,
-                "layer": layer_index(key),
-            }
+            out[key] = {"experts": list(info.expert_ids), "activation_rate": rate, "gate_mean": gate,
+                        "mean_active": float(sum(rate)), "threshold_mean": None if math.isnan(tau) else tau,
+                        "layer": layer_index(key)}
         return out
 
     # ------------------------------------------------------------------------------------------
