@@ -67,6 +67,7 @@ def test_capture_failure_names_the_model_and_frame():
     assert "could not capture Broken" in msg and "test_capture.py" in msg and "Try:" in msg
 
 
+@pytest.mark.slow  # 32 layers of an 8B config on meta: ~18 s
 def test_llama3_8b_shape_on_meta_device():
     from transformers import AutoModelForCausalLM, LlamaConfig
 

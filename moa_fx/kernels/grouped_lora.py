@@ -261,7 +261,7 @@ def _grouped_lora_backward_autograd(ctx, grad):
     grads = [None, None, None, None]
     if any(needs):
         impl, op = _GROUPED_BACKWARDS[ctx.backend]
-        computed = (impl if dispatch_free() else op)(grad, x, a_cat, b_cat, weights, ctx.ranks, ctx.scales, needs)
+        computed = (impl if dispatch_free(grad, x, a_cat, b_cat, weights) else op)(grad, x, a_cat, b_cat, weights, ctx.ranks, ctx.scales, needs)
         grads = [g if need else None for g, need in zip(computed, needs)]
     dy = grad if ctx.needs_input_grad[0] else None
     return (dy, *grads, None, None, None)
@@ -285,4 +285,4 @@ def grouped_lora(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Te
     check_inputs("grouped_lora", y, x, a_cat, b_cat, weights, ranks, scales)
     args = (y, x, a_cat, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales],
             resolve_backend(backend, y.device))
-    return _GroupedLoraEager.apply(*args) if dispatch_free() else _grouped_lora_op(*args)
+    return _GroupedLoraEager.apply(*args) if dispatch_free(*args[:5]) else _grouped_lora_op(*args)

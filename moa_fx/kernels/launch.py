@@ -229,13 +229,19 @@ def save_operands(ctx, inputs, output):
     ctx.ranks, ctx.scales, ctx.backend = ranks, scales, backend
 
 
-def dispatch_free() -> bool:
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def dispatch_free(*tensors) -> bool:
     """Whether this call may skip the ``torch.library`` dispatcher: plain eager on real tensors.
 
     False under ``torch.compile`` (dynamo or a TracingContext), any dispatch or torch-function mode
     (fake tensors, make_fx, export, compiled autograd, ``with torch.device``) and functorch
-    transforms: those must see the custom op. Each check is one C call, about 0.1 µs.
+    transforms, and when one of ``tensors`` is on the meta device or a tensor subclass (DTensor,
+    FakeTensor): those must see the custom op (and its fake). Each check is one C call, about 0.1 µs.
     """
+    if any(type(t) not in _PLAIN or t.is_meta for t in tensors if t is not None):
+        return False
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or torch._C._len_torch_function_stack() or torch._C._functorch.peek_interpreter_stack() is not None
                 or torch._guards.TracingContext.try_get() is not None)

@@ -378,7 +378,7 @@ def _(grad, z, b_cat, weights, ranks, scales, needs):
 def triton_mixture_backward(grad, x, a_cat, b_cat, weights, ranks, scales, needs) -> list:
     """lora_mixture's gradients (dX, dA_cat, dB_cat, dW) on the Triton path, None where not needed."""
     needs = [bool(n) for n in needs]
-    if dispatch_free():
+    if dispatch_free(grad, x, a_cat, b_cat, weights):
         return list(dense_backward(grad, x, a_cat, b_cat, weights, ranks, scales, needs))
     return [g if n else None for g, n in zip(_lora_mixture_backward_op(grad, x, a_cat, b_cat, weights, ranks, scales,
                                                                       needs), needs)]
@@ -387,7 +387,7 @@ def triton_mixture_backward(grad, x, a_cat, b_cat, weights, ranks, scales, needs
 def triton_expand_backward(grad, z, b_cat, weights, ranks, scales, needs) -> list:
     """lora_expand's gradients (dZ, dB_cat, dW) on the Triton path, None where not needed."""
     needs = [bool(n) for n in needs]
-    if dispatch_free():
+    if dispatch_free(grad, z, b_cat, weights):
         dz, _, db, dw = dense_backward(grad, z, None, b_cat, weights, ranks, scales, (needs[0], False, *needs[1:]))
         return [dz, db, dw]
     return [g if n else None for g, n in zip(_lora_expand_backward_op(grad, z, b_cat, weights, ranks, scales, needs),

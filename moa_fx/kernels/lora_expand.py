@@ -146,4 +146,4 @@ def lora_expand(y: Tensor, z: Tensor, b_cat: Tensor, weights: Tensor, ranks: Seq
     check_expand_inputs(y, z, b_cat, weights, ranks, scales)
     args = (y, z, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales],
             resolve_backend(backend, y.device))
-    return _LoraExpandEager.apply(*args) if dispatch_free() else _lora_expand_op(*args)
+    return _LoraExpandEager.apply(*args) if dispatch_free(*args[:4]) else _lora_expand_op(*args)

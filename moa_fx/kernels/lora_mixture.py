@@ -233,4 +233,4 @@ def lora_mixture(y: Tensor, x: Tensor, a_cat: Tensor, b_cat: Tensor, weights: Te
     check_inputs("lora_mixture", y, x, a_cat, b_cat, weights, ranks, scales)
     args = (y, x, a_cat, b_cat, weights, [int(r) for r in ranks], [float(s) for s in scales],
             resolve_backend(backend, y.device))
-    return _LoraMixtureEager.apply(*args) if dispatch_free() else _lora_mixture_op(*args)
+    return _LoraMixtureEager.apply(*args) if dispatch_free(*args[:5]) else _lora_mixture_op(*args)
