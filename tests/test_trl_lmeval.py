@@ -143,7 +143,8 @@ def changed(before: dict, after: dict) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batches", ["padded", "padding_free", "checkpointing"])
+@pytest.mark.parametrize("batches", ["padded", pytest.param("padding_free", marks=pytest.mark.slow),
+                                     pytest.param("checkpointing", marks=pytest.mark.slow)])
 def test_sft_lora_loss_equals_peft(tmp_path, batches):
     """Same data, same initial weights, same order: moa-fx's lora and PEFT's LoRA log the same loss,
     entropy and token accuracy at every step (TRL's fused LM head computes all three from the hidden

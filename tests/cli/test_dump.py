@@ -31,8 +31,9 @@ def test_json_ids_are_stable_and_inputs_by_id(cli_json):
     assert all(i in ids for n in a["nodes"] for i in n["inputs"])
     made = [n for n in a["nodes"] if n["provenance"]]
     assert made and all({"pass", "site"} <= set(n["provenance"][0]) for n in made)
-    # AdaMoLE's routers and thresholds at q, k, v read one input: fuse_shared_input gives them one GEMM
-    assert {n["provenance"][0]["pass"] for n in made} == {"insert_experts", "insert_routers", "fuse_shared_input"}
+    # AdaMoLE's experts (with their input dropout) are lowered to moa_fx::dropout_lora, and its routers,
+    # thresholds and experts at q, k, v read one input: fuse_shared_input gives them one GEMM
+    assert {n["provenance"][0]["pass"] for n in made} == {"insert_routers", "lower_sparse_dispatch", "fuse_shared_input"}
 
 
 def test_after_pass_stops_the_pipeline(cli_json):

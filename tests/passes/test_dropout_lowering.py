@@ -163,6 +163,7 @@ def test_hydralora_heads_with_dropout_are_kept(llama):
     assert not any(isinstance(m, DropoutSeed) for m in moa.adapters.modules())
 
 
+@pytest.mark.slow  # an Inductor-free but whole-model aot_eager compile in train mode: ~20 s
 def test_train_mode_compiles_fullgraph_and_draws_the_eager_masks(llama):
     """torch.compile (AOTAutograd, so the op's backward is traced) of the lowered AdaMoLE in train mode:
     one graph, no break at the seed or the op, and under one torch.manual_seed the eager model's masks."""
