@@ -57,7 +57,7 @@ def _check_report(results: dict, out: pathlib.Path, methods, settings) -> None:
             assert run["active"]["mean"] == pytest.approx(7.0)  # dense: 5 LoRA + prompt + adapter
     for row in report.summarize(saved):
         if row["method"] in ev.METHODS:
-            assert row["chance"] == pytest.approx({"parity": 0.5, "parity+compare": 0.5}[row["setting"]])
+            assert row["chance"] == pytest.approx({"parity": 0.5, "parity+compare": 0.5, "hyperbaton": 0.5}[row["setting"]])
 
 
 def test_quick_version_runs_every_method_end_to_end_and_writes_every_column(tmp_path):
