@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -560,8 +561,6 @@ def load_results(path: pathlib.Path, cfg: EvalConfig) -> dict[str, Any] | None:
     that is not a results file, or one whose runs would not be comparable with ``cfg``'s."""
     if not path.exists():
         return None
-    import json
-
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
