@@ -13,7 +13,7 @@ import pathlib
 import tempfile
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file", "cache_dir"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:
@@ -51,3 +51,17 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> pathlib.Path:
+    """The moa-fx cache folder (not created here).
+
+    ``$MOA_FX_CACHE`` if set, else ``$XDG_CACHE_HOME/moa-fx``, else
+    ``~/.cache/moa-fx``.
+    """
+    explicit = os.environ.get("MOA_FX_CACHE")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "moa-fx"

@@ -10,7 +10,7 @@ import torch
 
 from moa_fx import transform
 from moa_fx.errors import InputError, MoaFxError
-from tiny import randomize_adapters, tiny_model, tokens
+from tiny import randomize_adapters, slow_except, tiny_model, tokens
 
 # bf16 keeps 8 mantissa bits: a whole tiny forward in bf16 lands within a few percent of fp32
 BF16_TOL = dict(rtol=0.0, atol=0.08)
@@ -67,7 +67,7 @@ def test_adamole_expert_dropout_keeps_its_own_semantics():
     assert torch.equal(moa(input_ids=ids).logits, moa(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("preset", ["lora", "sparse_moa", "soft_moa"])
+@pytest.mark.parametrize("preset", slow_except(["lora", "sparse_moa", "soft_moa"], ["sparse_moa"]))
 def test_dtype_moves_follow_the_base_model_cast_the_same_way(preset):
     base = tiny_model("llama", init=0.2)
     ref = copy.deepcopy(base)

@@ -194,3 +194,14 @@ class TinyMLP(nn.Module):
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
+
+
+def slow_except(values, default_run):
+    """Parameters for ``pytest.mark.parametrize``: the ``default_run`` ones plain, every other one marked
+    ``slow`` (run by ``-m slow``), so the default run keeps one case of each kind and CI stays in budget."""
+    import pytest
+
+    unknown = set(default_run) - set(values)
+    assert not unknown, f"slow_except: {sorted(map(str, unknown))} not among the values"
+    return [v if v in default_run else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for v in values]

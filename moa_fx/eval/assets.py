@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moa_fx.errors import AssetError
-from moa_fx.fileio import sha256_file
+from moa_fx.fileio import cache_dir, sha256_file
 
 __all__ = [
     "cache_dir",
@@ -96,20 +96,6 @@ BIGBENCH_SDIST_BYTES = _BIGBENCH_SDIST.size
 # The hooks of the enclosing download_progress blocks, innermost last: hook(file name, bytes so far, total).
 _PROGRESS_HOOKS: list[Callable[[str, int, int], None]] = []
 _PROGRESS_INTERVAL_S = 0.2
-
-
-def cache_dir() -> Path:
-    """The moa-fx cache folder (not created here).
-
-    ``$MOA_FX_CACHE`` if set, else ``$XDG_CACHE_HOME/moa-fx``, else
-    ``~/.cache/moa-fx``.
-    """
-    explicit = os.environ.get("MOA_FX_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "moa-fx"
 
 
 # --------------------------------------------------------------------------

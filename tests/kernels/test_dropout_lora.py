@@ -9,6 +9,7 @@ the same in forward and backward without being stored. Shapes and tolerances: te
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -16,14 +17,26 @@ import torch
 
 from moa_fx.errors import KernelError
 from moa_fx.kernels import dropout_lora, dropout_lora_reference, lora_expand, lora_mixture
+from moa_fx.kernels import native
 from moa_fx.kernels.dropout_lora import _dropout_lora_op, site_drops
 from moa_fx.kernels.dropout_mask import MASK32, drop_positions, explicit_masks, mix32, stream_keys
 from moa_fx.kernels.reference import lora_mixture_reference
 
 from .test_lora_mixture import CASES, FP32_TOL, assert_bf16_within_naive, assert_close_all, make_inputs, needs_triton
 
+dropout_lora_module = importlib.import_module("moa_fx.kernels.dropout_lora")  # the package exports the function
 Z_SIGMAS = 5.0  # binomial bounds: |observed − expected| < 5σ (a false alarm about once in 1.7 million runs)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.fixture(params=["native", "torch"])
+def correction_path(request, monkeypatch):
+    """The CPU correction under test: the C loop (dropout_cpu.c) or the torch index arithmetic."""
+    if request.param == "torch":
+        monkeypatch.setattr(dropout_lora_module, "_native_library", lambda: None)
+    elif dropout_lora_module._native_library() is None:
+        pytest.skip("no C compiler here: the native loop cannot be built (the torch path is tested)")
+    return request.param
 
 
 def _ps(num_experts: int) -> list[float]:
@@ -58,7 +71,7 @@ def _naive_bf16(y, x, a_cat, b_cat, weights, seed, ranks, scales, ps):
 @pytest.mark.parametrize("given_z", [False, True], ids=["x_in", "z_given"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES[1:], ids=lambda c: c.name)
-def test_op_matches_explicit_masks_forward_and_every_gradient(case, dtype, given_z):
+def test_op_matches_explicit_masks_forward_and_every_gradient(case, dtype, given_z, correction_path):
     inputs, scales = make_inputs(case, dtype)
     ranks, ps, seed = list(case.ranks), _ps(len(case.ranks)), _seed()
     grad_out = torch.randn(case.num_tokens, case.d_out, generator=torch.Generator().manual_seed(1))
@@ -116,13 +129,13 @@ def test_p_zero_is_the_op_without_dropout_exactly(given_z):
         assert torch.equal(got, want)
     # the op's own path with no drops (not only the wrapper's shortcut) is the reference bit for bit
     y, x, a_cat, b_cat, w = inputs
-    inner = _dropout_lora_op(y, None, x, a_cat, b_cat, w, _seed(), ranks, scales, zeros, "torch")
+    inner = _dropout_lora_op(y, None, x, a_cat, b_cat, w, _seed(), ranks, scales, zeros, "torch")[0]
     assert torch.equal(inner, lora_mixture_reference(y, x, a_cat, b_cat, w, ranks, scales))
 
 
-def test_backward_regenerates_the_mask_instead_of_saving_it():
-    """Autograd keeps the op's inputs only (x, not E dropped copies, and no mask), and the backward's
-    regenerated masks are the forward's: the gradients match the explicit-mask reference."""
+def test_backward_regenerates_the_mask_instead_of_saving_it(correction_path):
+    """Autograd keeps the op's inputs and the (T, R) z_drop only (x, not E dropped copies, and no mask),
+    and the backward's regenerated masks are the forward's: the gradients match the explicit-mask reference."""
     case = CASES[3]  # every expert fires
     inputs, scales = make_inputs(case, torch.float32)
     leaves = [t.clone().requires_grad_() for t in inputs]
@@ -130,8 +143,9 @@ def test_backward_regenerates_the_mask_instead_of_saving_it():
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = dropout_lora(*leaves, _seed(), ranks, scales, ps)
-    # x, a_cat, b_cat, weights, seed: nothing of x's size beyond x itself
-    assert sum(t.numel() for t in saved) <= sum(t.numel() for t in inputs[1:]) + 1
+    # x, a_cat, b_cat, weights, seed and z_drop: nothing of x's size beyond x itself
+    z_drop = case.num_tokens * sum(ranks)
+    assert sum(t.numel() for t in saved) <= sum(t.numel() for t in inputs[1:]) + 1 + z_drop
     assert sum(t.numel() == inputs[1].numel() for t in saved) == 1
     got = torch.autograd.grad(out.sum(), leaves)
     want_leaves = [t.clone().requires_grad_() for t in inputs]
@@ -148,6 +162,42 @@ def test_masks_are_drawn_only_where_an_expert_fires():
     for e, d in enumerate(drops):
         assert (w[d.token, e] != 0).all()
         assert torch.equal(d.flat, d.token * x.shape[1] + d.feature) and (d.feature < x.shape[1]).all()
+
+
+def test_native_and_torch_corrections_agree_at_a_larger_size(monkeypatch):
+    """The C loop's drops are the torch streams' (same count, same sums), at a size where a wrong gap
+    table bucket or position carry would show: 300 tokens × 96 features, eight experts, rates to 0.7."""
+    if dropout_lora_module._native_library() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(11)
+    x, a = torch.randn(300, 96, generator=g), torch.randn(16, 96, generator=g)
+    w = torch.rand(300, 8, generator=g)
+    w = w * (w > 0.3)
+    ps, ranks, u = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.05], [2] * 8, torch.randn(300, 16, generator=g)
+
+    def corrections():
+        corr = dropout_lora_module._Corrections(_seed(3), ps, w, x, ranks)
+        dx, da = torch.randn(300, 96, generator=torch.Generator().manual_seed(1)), torch.zeros(16, 96)
+        corr.backward(u, a, dx, da)
+        return corr.forward(a), dx, da
+
+    native_out = corrections()
+    monkeypatch.setattr(dropout_lora_module, "_native_library", lambda: None)
+    for got, want in zip(native_out, corrections()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert want.abs().max() > 0
+
+
+def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOA_FX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-moa-fx")
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler-moa-fx'.*set \\$CC"):
+        assert native.library("dropout_cpu") is None
+    assert not any(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    monkeypatch.setattr(native, "_LOADED", {})
+    assert native.library("dropout_cpu") is None  # turned off: no build, no warning
 
 
 # --- the mask ------------------------------------------------------------------------------------

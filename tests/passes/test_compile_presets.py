@@ -13,7 +13,7 @@ import torch
 
 from moa_fx import transform
 from moa_fx.spec import presets
-from tiny import randomize_adapters, tokens
+from tiny import randomize_adapters, slow_except, tokens
 
 
 # the default run compiles one preset of each kind of graph (no router, per-site top-k and threshold with
@@ -21,8 +21,7 @@ from tiny import randomize_adapters, tokens
 DEFAULT_RUN = ("lora", "adamole", "hydralora", "soft_moa", "sparse_moa")
 
 
-@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in presets.PRESETS])
+@pytest.mark.parametrize("name", slow_except(list(presets.PRESETS), DEFAULT_RUN))
 def test_preset_compiles_fullgraph_and_matches_eager(llama, name):
     import torch._dynamo
 
