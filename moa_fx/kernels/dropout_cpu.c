@@ -1,9 +1,11 @@
-/* The sparse dropout correction of moa_fx::dropout_lora on CPU: one loop over each expert's gap stream.
+/* The sparse dropout correction of moa_fx::dropout_lora on CPU: one loop over the gap streams of the
+ * (token, expert) pairs that fire.
  *
- * The stream is the one of dropout_mask.py (its docstring is the definition): gap j of expert e draws
- * h = mix32(mix32(j ^ key_e) ^ key_e), u = (h + 1/2) / 2^32, G = floor(log u / log(1 - p_e)) in double,
- * and the drops are at q_i = sum_{j <= i} (G_j + 1) - 1 over the flat positions q = t*d_in + k of x.
- * A drop counts only where expert e fires at token t (fires[t*E + e] != 0).
+ * The streams are the ones of dropout_mask.py (its docstring is the definition): one per (expert e,
+ * token t), of key kappa = mix32(key_e ^ mix32(golden*(t + 1))); gap j draws h = mix32(mix32(j ^ kappa) ^ kappa),
+ * u = (h + 1/2) / 2^32, G = floor(log u / log(1 - p_e)) in double, and the drops are at the features
+ * k_i = sum_{j <= i} (G_j + 1) - 1 below d_in. Only the tokens where expert e fires (fires[t*E + e] != 0)
+ * draw their streams.
  *
  * For every counted drop (t, k) of expert e and every rank column i of e (cols[e] <= i < cols[e + 1]):
  *   c[t, i]  += x[t, k] * a[k, i]                    (forward: c is subtracted from x @ A_cat.T)
@@ -19,6 +21,7 @@
 
 #define TABLE_BITS 12
 #define TABLE_SHIFT (32 - TABLE_BITS)
+#define GOLDEN 0x9E3779B9u
 
 static inline uint32_t mix32(uint32_t h) {
     h ^= h >> 16;
@@ -47,43 +50,40 @@ void moa_gap_table(double log_keep, int32_t *table) {
 
 int64_t moa_dropout_correct(int64_t num_tokens, int64_t d_in, int64_t num_experts, const int64_t *cols,
                             const int64_t *keys, const double *log_keep, const int32_t *tables,
-                            const uint8_t *fires,
-                            const float *x, const float *a, const float *u, int64_t rank_total,
-                            float *c, float *dx, float *da) {
+                            const uint8_t *fires, const float *x, const float *a, const float *u,
+                            int64_t rank_total, float *c, float *dx, float *da) {
     int64_t counted = 0;
     for (int64_t e = 0; e < num_experts; ++e) {
         if (!(log_keep[e] < 0.0)) continue; /* p = 0: no drops */
         const uint32_t key = (uint32_t)keys[e];
         const int64_t lo = cols[e], hi = cols[e + 1];
         const int32_t *table = tables + (e << TABLE_BITS);
-        int64_t t = 0, k = -1; /* the position q = t*d_in + k, advanced without a division per drop */
-        for (uint64_t j = 0;; ++j) {
-            const uint32_t h = mix32(mix32((uint32_t)j ^ key) ^ key);
-            const int32_t g = table[h >> TABLE_SHIFT];
-            k += (g >= 0 ? (int64_t)g : gap(h, log_keep[e])) + 1;
-            if (k >= d_in) {
-                t += k / d_in;
-                k %= d_in;
-            }
-            if (t >= num_tokens) break;
-            if (!fires[t * num_experts + e]) continue;
-            const int64_t q = t * d_in + k;
-            ++counted;
-            const float xv = x[q];
-            const float *ak = a + k * rank_total;
-            float *dak = da ? da + k * rank_total : 0;
-            if (c) {
-                float *ct = c + t * rank_total;
-                for (int64_t i = lo; i < hi; ++i) ct[i] += xv * ak[i];
-            }
-            if (dx || da) {
-                const float *ut = u + t * rank_total;
-                float acc = 0.0f;
-                for (int64_t i = lo; i < hi; ++i) {
-                    acc += ut[i] * ak[i];
-                    if (da) dak[i] -= ut[i] * xv;
+        for (int64_t t = 0; t < num_tokens; ++t) {
+            if (!fires[t * num_experts + e]) continue; /* no mask where the expert does not fire */
+            const uint32_t row_key = mix32(key ^ mix32((uint32_t)(t + 1) * GOLDEN));
+            const float *ut = u ? u + t * rank_total : 0;
+            float *ct = c ? c + t * rank_total : 0;
+            int64_t k = -1;
+            for (uint32_t j = 0;; ++j) {
+                const uint32_t h = mix32(mix32(j ^ row_key) ^ row_key);
+                const int32_t g = table[h >> TABLE_SHIFT];
+                k += (g >= 0 ? (int64_t)g : gap(h, log_keep[e])) + 1;
+                if (k >= d_in) break;
+                ++counted;
+                const int64_t q = t * d_in + k;
+                const float xv = x[q];
+                const float *ak = a + k * rank_total;
+                if (ct)
+                    for (int64_t i = lo; i < hi; ++i) ct[i] += xv * ak[i];
+                if (ut) {
+                    float *dak = da ? da + k * rank_total : 0;
+                    float acc = 0.0f;
+                    for (int64_t i = lo; i < hi; ++i) {
+                        acc += ut[i] * ak[i];
+                        if (dak) dak[i] -= ut[i] * xv;
+                    }
+                    if (dx) dx[q] -= acc;
                 }
-                if (dx) dx[q] -= acc;
             }
         }
     }

@@ -19,8 +19,8 @@ mask (``benchmarks/bench_dropout_mask.py``). An exact Philox in torch was ruled 
 (~640 ns per element, and Inductor failed to compile it).
 
 Paths: on CPU the correction is one C loop (``dropout_cpu.c``, built on first use by :mod:`native`):
-it walks each expert's gap stream and applies each drop that falls on a token where the expert fires
-as it is drawn, with no temporaries; a table of 4096 buckets per rate gives the gap of most draws
+it draws the gap stream of each (token, expert) pair that fires, one row of d_in features, and applies
+each drop as it is drawn, with no temporaries; a table of 4096 buckets per rate gives the gap of most draws
 without a logarithm (exactly the same gaps). Elsewhere, or without a C compiler, it is torch index
 arithmetic over :func:`site_drops` (its work is p·E·T·d_in, not E·T·d_in). The forward keeps the
 (T, R) z_drop for the backward of B and the weights, so the backward draws the masks once (for dx
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from moa_fx.errors import KernelError
 from moa_fx.kernels import native
-from moa_fx.kernels.dropout_mask import drop_positions_many, explicit_masks, stream_keys
+from moa_fx.kernels.dropout_mask import explicit_masks, row_drops, stream_keys, token_keys
 from moa_fx.kernels.lora_expand import lora_expand, lora_expand_forward
 from moa_fx.kernels.lora_mixture import check_inputs, expand_backward, fake_like_y, lora_mixture, resolve_backend
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
@@ -63,16 +63,19 @@ class Drops(NamedTuple):
 
 
 def site_drops(seed: Tensor, ps: Sequence[float], weights: Tensor, d_in: int) -> list[Drops]:
-    """Every expert's drops, kept only at (token, expert) pairs with a non-zero weight."""
-    num_tokens = weights.shape[0]
+    """Every expert's drops, drawn only at the (token, expert) pairs with a non-zero weight (one
+    stream per pair: the other tokens' streams are never drawn)."""
     keys = stream_keys(seed.to(weights.device), len(ps))
-    out = []
-    for e, flat in enumerate(drop_positions_many(keys, ps, num_tokens * d_in)):
-        token = torch.div(flat, d_in, rounding_mode="floor")
-        fires = torch.nonzero(weights[:, e].index_select(0, token) != 0).squeeze(1)
-        flat, token = flat.index_select(0, fires), token.index_select(0, fires)
-        out.append(Drops(flat, token, flat - token * d_in))
-    return out
+    rates = torch.tensor([float(p) for p in ps], dtype=torch.float64, device=weights.device)
+    pairs = torch.nonzero((weights != 0) & (rates > 0)[None, :].to(weights.device))  # (P, 2): t, e
+    token, expert = pairs[:, 0], pairs[:, 1]
+    row, feature = row_drops(token_keys(keys.index_select(0, expert), token),
+                             torch.log1p(-rates).index_select(0, expert), d_in)
+    token, expert = token.index_select(0, row), expert.index_select(0, row)
+    order = torch.argsort(expert, stable=True)  # by expert, then token and feature as drawn
+    token, expert, feature = token[order], expert[order], feature[order]
+    counts = torch.bincount(expert, minlength=len(ps)).tolist()
+    return [Drops(t * d_in + k, t, k) for t, k in zip(token.split(counts), feature.split(counts))]
 
 
 class _Corrections:

@@ -1,23 +1,28 @@
-"""The counter-based dropout mask of ``moa_fx::dropout_lora``: where expert e drops its input.
+"""The counter-based dropout mask of ``moa_fx::dropout_lora``: where expert e drops its input at token t.
 
-Definition (one stream per (seed, expert), over the flattened positions q = t·d_in + k of x):
-- ``key_e = mix32(mix32(mix32(seed mod 2^32) ^ (seed >> 32)) ^ golden·(e + 1))``;
-- gap j draws ``h_j = mix32(mix32(j ^ key_e) ^ key_e)`` and ``u_j = (h_j + 1/2) / 2^32`` ∈ (0, 1);
+Definition (one stream per (seed, expert, token), over the features k = 0 … d_in − 1 of x[t]):
+- ``key_e = mix32(mix32(mix32(seed mod 2^32) ^ (seed >> 32)) ^ golden·(e + 1))`` (:func:`stream_keys`);
+- ``key_{e,t} = mix32(key_e ^ mix32(golden·(t + 1)))`` (:func:`token_keys`; products mod 2^32);
+- gap j of a stream of key κ draws ``h_j = mix32(mix32(j ^ κ) ^ κ)`` and ``u_j = (h_j + 1/2) / 2^32`` ∈ (0, 1);
 - ``G_j = floor(log u_j / log(1 − p))`` (fp64) is geometric: P(G_j = g) = (1 − p)^g·p;
-- the drops are at ``q_i = Σ_{j ≤ i} (G_j + 1) − 1``: every position is dropped independently with
-  probability p (the gaps of a Bernoulli(p) sequence are i.i.d. geometric), as ``nn.Dropout`` does.
+- the drops are at ``k_i = Σ_{j ≤ i} (G_j + 1) − 1`` below d_in: every feature is dropped independently
+  with probability p (the gaps of a Bernoulli(p) sequence are i.i.d. geometric), as ``nn.Dropout`` does.
 ``mix32`` is a 32-bit integer finaliser (xor-shift, multiply, twice) whose multipliers are below 2^31,
 so in torch's int64 a product of a 32-bit value never overflows; every step is masked to 32 bits, and
-the same arithmetic in uint32 gives the same bits (the streams are device independent).
+the same arithmetic in uint32 gives the same bits (the streams are device independent; ``dropout_cpu.c``
+draws them in C).
 
 Why gaps rather than one hash per element: on CPU an element-wise hash costs one int64 pass over
 T·d_in per operation (about ten of them), more than ``nn.Dropout``'s own mask, and it is needed per
-expert, in forward and again in backward. The gaps cost p·T·d_in draws per expert (5% at p = 0.05), and
+expert, in forward and again in backward. The gaps cost p·d_in draws per row (5% at p = 0.05), and
 they give the drop positions directly, which is what the sparse correction of ``dropout_lora`` needs.
+Why a stream per token: a token where the expert does not fire needs no mask, and its stream is then
+never drawn (AdaMoLE and top-k fire a fraction of their (token, expert) pairs); the rows are also
+independent work, which a GPU wants.
 
-Map: :func:`mix32`, :func:`stream_keys`, :func:`drop_positions` (the sorted drop positions of one
-expert below n; :func:`drop_positions_many`: several experts in one batch), :func:`explicit_masks`
-(the (E, T, d_in) 0/1 keep masks materialised: tests and references only).
+Map: :func:`mix32`, :func:`stream_keys`, :func:`token_keys`, :func:`row_drops` (the drops of several
+rows' streams in one batch), :func:`drop_positions` (the sorted drops of one stream below n),
+:func:`explicit_masks` (the (E, T, d_in) 0/1 keep masks materialised: tests and references only).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["mix32", "stream_keys", "drop_positions", "drop_positions_many", "explicit_masks", "MASK32"]
+__all__ = ["mix32", "stream_keys", "token_keys", "row_drops", "drop_positions", "explicit_masks", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # both below 2^31: (2^32 - 1)·MUL < 2^63
@@ -54,6 +59,11 @@ def stream_keys(seed: Tensor, num_experts: int) -> Tensor:
     return mix32(base ^ ((experts * _GOLDEN) & MASK32))
 
 
+def token_keys(keys: Tensor, tokens: Tensor) -> Tensor:
+    """The keys of the rows' streams: ``keys`` (S,) of their experts, ``tokens`` (S,) int64 (their t)."""
+    return mix32(keys ^ mix32(((tokens + 1) * _GOLDEN) & MASK32))
+
+
 def _gaps(keys: Tensor, start: int, count: int, log_keep: Tensor) -> Tensor:
     """(S, count) geometric gaps j = start … start + count − 1 of S streams."""
     j = torch.arange(start, start + count, device=keys.device, dtype=torch.int64)
@@ -62,45 +72,57 @@ def _gaps(keys: Tensor, start: int, count: int, log_keep: Tensor) -> Tensor:
     return torch.floor(torch.log(u) / log_keep[:, None]).to(torch.int64)
 
 
-def drop_positions(key: Tensor, p: float, n: int, *, chunk: int | None = None) -> Tensor:
-    """The sorted int64 positions q < n that the stream of ``key`` drops at rate ``p`` (empty for p = 0).
+def row_drops(keys: Tensor, log_keep: Tensor, n: int, *, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """The drops of S streams (keys (S,), ``log_keep`` (S,) fp64 = log(1 − p), every p > 0) over
+    positions 0 … n − 1: ``(row, position)`` int64 pairs, sorted by row, then position.
 
-    Draws gaps in chunks of ``chunk`` (default about p·n + 8σ + 16: one chunk almost always
-    suffices); each chunk checks on the host whether the stream has passed n (on CUDA, one sync per
-    chunk). The chunk size does not change the stream.
+    Draws gaps in chunks of ``chunk`` columns (default about p·n + 8σ + 16 for the largest p: one
+    chunk almost always suffices); only rows not yet past n draw another chunk, which is checked on
+    the host (on CUDA, one sync per chunk). The chunk size does not change the streams.
     """
-    return drop_positions_many(key.reshape(1), [p], n, chunk=chunk)[0]
-
-
-def drop_positions_many(keys: Tensor, ps: Sequence[float], n: int, *, chunk: int | None = None) -> list[Tensor]:
-    """:func:`drop_positions` of several streams at once (one batch of gaps, one host check per chunk)."""
-    live = [i for i, p in enumerate(ps) if float(p) > 0.0]
-    out = [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in ps]
-    if not live or n <= 0:
-        return out
+    empty = torch.empty(0, dtype=torch.int64, device=keys.device)
+    if keys.numel() == 0 or n <= 0:
+        return empty, empty
     if chunk is None:
-        chunk = max(int(math.ceil(n * p + 8.0 * math.sqrt(n * p * (1.0 - p)) + 16)) for p in map(float, ps) if p > 0)
-    sub = keys.index_select(0, torch.tensor(live, device=keys.device))
-    log_keep = torch.tensor([math.log1p(-float(ps[i])) for i in live], dtype=torch.float64, device=keys.device)
-    pieces, start, last = [], 0, sub.new_full((len(live),), -1)
-    while True:
-        pos = last[:, None] + torch.cumsum(_gaps(sub, start, chunk, log_keep) + 1, 1)
-        pieces.append(pos)
-        last = pos[:, -1]
+        p = 1.0 - math.exp(float(log_keep.min()))  # the largest rate
+        chunk = int(math.ceil(n * p + 8.0 * math.sqrt(n * p * (1.0 - p)) + 16))
+    rows, positions = [], []
+    live = torch.arange(keys.numel(), device=keys.device)
+    last = keys.new_full((keys.numel(),), -1)
+    start = 0
+    while live.numel():
+        pos = last.index_select(0, live)[:, None] + torch.cumsum(
+            _gaps(keys.index_select(0, live), start, chunk, log_keep.index_select(0, live)) + 1, 1)
+        inside = pos < n
+        rows.append(live[:, None].expand_as(pos)[inside])
+        positions.append(pos[inside])
+        last.index_copy_(0, live, pos[:, -1])
+        live = live[pos[:, -1] < n - 1]
         start += chunk
-        if int(last.min()) >= n - 1:
-            break
-    pos = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-    for row, i in enumerate(live):
-        out[i] = pos[row][pos[row] < n]
-    return out
+    row, position = (torch.cat(rows), torch.cat(positions)) if len(rows) > 1 else (rows[0], positions[0])
+    if len(rows) > 1:  # a second chunk's drops of a row come after every row's first: sort them back
+        order = torch.argsort(row * n + position)
+        row, position = row.index_select(0, order), position.index_select(0, order)
+    return row, position
+
+
+def drop_positions(key: Tensor, p: float, n: int, *, chunk: int | None = None) -> Tensor:
+    """The sorted int64 positions q < n that the stream of ``key`` drops at rate ``p`` (empty for p = 0)."""
+    if float(p) <= 0.0:
+        return torch.empty(0, dtype=torch.int64, device=key.device)
+    log_keep = torch.tensor([math.log1p(-float(p))], dtype=torch.float64, device=key.device)
+    return row_drops(key.reshape(1), log_keep, n, chunk=chunk)[1]
 
 
 def explicit_masks(seed: Tensor, ps: Sequence[float], num_tokens: int, d_in: int) -> Tensor:
-    """The (E, T, d_in) fp32 keep masks (1 kept, 0 dropped) of every expert: the mask function
-    materialised, for references and tests."""
+    """The (E, T, d_in) fp32 keep masks (1 kept, 0 dropped) of every expert at every token: the mask
+    function materialised, for references and tests."""
+    masks = torch.ones(len(ps), num_tokens, d_in, dtype=torch.float32, device=seed.device)
     keys = stream_keys(seed, len(ps))
-    masks = torch.ones(len(ps), num_tokens * d_in, dtype=torch.float32, device=seed.device)
-    for e, flat in enumerate(drop_positions_many(keys, ps, num_tokens * d_in)):
-        masks[e, flat] = 0.0
-    return masks.view(len(ps), num_tokens, d_in)
+    tokens = torch.arange(num_tokens, device=seed.device, dtype=torch.int64)
+    for e, p in enumerate(ps):
+        if float(p) > 0.0:
+            log_keep = torch.full((num_tokens,), math.log1p(-float(p)), dtype=torch.float64, device=seed.device)
+            row, feature = row_drops(token_keys(keys[e].expand(num_tokens), tokens), log_keep, d_in)
+            masks[e, row, feature] = 0.0
+    return masks
