@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                              "each of moa_fx.eval.evaluate.TASKS and their mixture")
     parser.add_argument("--seeds", type=_list, default=None, help="comma list of seeds (default 0,1,2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 200)")
+    parser.add_argument("--mixture-budget", choices=("per_task", "same"), default=None,
+                        help="per_task (default): a mixture of n tasks trains n × steps, each task's examples "
+                             "as alone; same: every setting trains --steps")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="learning rate of methods without a recipe (2e-3)")
     parser.add_argument("--recipes", type=_lrs, default=None, metavar="FILE|m=lr,...",
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("batch_size", args.batch_size), ("lr", args.lr), ("lrs", args.recipes),
                        ("max_grad_norm", args.max_grad_norm), ("eval_examples", args.eval_examples),
                        ("curve_every", args.curve_every), ("threads", args.threads), ("device", args.device),
-                       ("precision", args.precision), ("split", args.split)):
+                       ("precision", args.precision), ("split", args.split),
+                       ("mixture_budget", args.mixture_budget)):
         if value is not None:
             overrides[key] = value
     if args.seeds is not None:

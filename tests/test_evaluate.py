@@ -66,10 +66,12 @@ def test_quick_version_runs_every_method_end_to_end_and_writes_every_column(tmp_
     results = ev.run_evaluation(cfg, tmp_path / "results.json", progress=False)
     paths = report.write_report(results, tmp_path)
     _check_report(results, tmp_path, ev.METHODS, cfg.settings)
-    # the learning curve: step 0 (zero-shot) then every curve_every steps, on the validation subset
+    # the mixture of two tasks trains 2 × steps (each task gets its examples of a run alone), and its
+    # learning curve has a single task's points: step 0 (zero-shot), then every 2 × curve_every steps
+    assert all(run["steps"] == 4 and len(run["losses"]) == 4 for run in results["runs"])
     for row in report.summarize(results):
         if row["method"] in ev.METHODS:
-            assert [p[0] for p in row["curve"]] == [0, 1, 2]
+            assert [p[0] for p in row["curve"]] == [0, 2, 4]
     chart = (tmp_path / "active_experts.txt").read_text(encoding="utf-8")
     assert chart.count("adamole ·") == len(cfg.settings) and chart.count("sparse_moa ·") == len(cfg.settings)
     assert chart.count("layer  2 │") == len(report.CHART_METHODS) * len(cfg.settings)
@@ -78,6 +80,17 @@ def test_quick_version_runs_every_method_end_to_end_and_writes_every_column(tmp_
     pytest.importorskip("matplotlib")
     for key in ("curves", "png"):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixture_budget_per_task_or_the_same_steps():
+    cfg = ev.EvalConfig(steps=200)
+    assert cfg.mixture_budget == "per_task"
+    assert cfg.run_steps("hyperbaton") == 200 and cfg.run_steps("a+b+c") == 600
+    assert cfg.run_warmup(600) == 60 and ev.EvalConfig(warmup=5).run_warmup(600) == 5
+    same = ev.EvalConfig(steps=200, mixture_budget="same")
+    assert same.run_steps("a+b+c") == 200
+    with pytest.raises(InputError, match="mixture_budget = 'twice' must be 'per_task'"):
+        ev.EvalConfig(mixture_budget="twice")
 
 
 def test_a_stopped_evaluation_resumes_without_repeating_runs_and_refuses_other_settings(tmp_path, monkeypatch):

@@ -133,7 +133,10 @@ class EvalConfig:
     lr: float = 2e-3
     lrs: dict[str, float] = dataclasses.field(default_factory=dict)
     sweep_lrs: tuple[float, ...] = ()
-    warmup: int | None = None  # default: 10% of the steps
+    warmup: int | None = None  # default: 10% of a run's steps
+    # "per_task": a mixture of n tasks trains n × steps, so each task gets the examples it gets alone (the
+    # same budget per task); "same": every setting trains `steps` (each of n tasks then sees 1/n of them)
+    mixture_budget: str = "per_task"
     max_grad_norm: float = 1.0  # 0: no clipping
     max_prompt_tokens: int = 96  # longer prompts are dropped (and counted), as in the survey
     eval_examples: int = 200
@@ -150,7 +153,7 @@ class EvalConfig:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
 
     # the fields a run's result depends on besides its (method, setting, seed, lr): a results file holds one
-    RUN_FIELDS = ("steps", "batch_size", "warmup", "max_grad_norm", "max_prompt_tokens", "eval_examples", "split",
+    RUN_FIELDS = ("steps", "batch_size", "warmup", "mixture_budget", "max_grad_norm", "max_prompt_tokens", "eval_examples", "split",
                   "curve_every", "curve_examples", "split_seed", "active_examples", "model", "data")
 
     def __post_init__(self) -> None:
@@ -159,8 +162,6 @@ class EvalConfig:
         self.seeds = tuple(int(s) for s in self.seeds)
         self.sweep_lrs = tuple(float(x) for x in self.sweep_lrs)
         self.lrs = {str(k): float(v) for k, v in dict(self.lrs).items()}
-        if self.warmup is None:
-            self.warmup = max(1, self.steps // 10)
         for m in (*self.methods, *self.lrs):
             if m not in METHODS:
                 raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -175,6 +176,11 @@ class EvalConfig:
             raise InputError("every learning rate must be > 0")
         if not self.max_grad_norm >= 0:
             raise InputError(f"max_grad_norm = {self.max_grad_norm} must be >= 0 (0: no clipping)")
+        if self.mixture_budget not in ("per_task", "same"):
+            raise InputError(f"mixture_budget = {self.mixture_budget!r} must be 'per_task' (a mixture of n tasks "
+                             "trains n × steps) or 'same' (every setting trains steps)")
+        if self.warmup is not None and self.warmup < 0:
+            raise InputError(f"warmup = {self.warmup} must be >= 0 (or unset: 10% of a run's steps)")
         if self.split not in ("test", "val"):
             raise InputError(f"split = {self.split!r} must be 'test' or 'val' (a recipe sweep)")
         if self.model not in ("smollm2", "tiny") or self.data not in ("bigbench", "synthetic"):
@@ -183,6 +189,14 @@ class EvalConfig:
             raise InputError("device must be 'auto', 'cpu' or 'cuda'; precision 'auto', 'fp32' or 'bf16'")
         for setting in self.settings:
             parse_setting(setting)
+
+    def run_steps(self, setting: str) -> int:
+        """The training steps of a run on ``setting``: ``steps``, times the number of tasks of a mixture
+        under ``mixture_budget = "per_task"``."""
+        return self.steps * (len(parse_setting(setting)) if self.mixture_budget == "per_task" else 1)
+
+    def run_warmup(self, steps: int) -> int:
+        return self.warmup if self.warmup is not None else max(1, steps // 10)
 
     def run_lrs(self, method: str) -> tuple[float, ...]:
         """The learning rates ``method`` runs at."""
@@ -375,10 +389,11 @@ def _score(model, tokenizer, examples: Sequence[T.Example], max_len: int, autoca
 # --------------------------------------------------------------------------------------------------
 
 
-def _training_stream(cfg: EvalConfig, tasks: dict[str, _Task], names: Sequence[str], seed: int) -> list[T.Example]:
+def _training_stream(cfg: EvalConfig, tasks: dict[str, _Task], names: Sequence[str], seed: int,
+                     steps: int) -> list[T.Example]:
     """``steps × batch_size`` training examples in order: one task's training split reshuffled per
     epoch, or a mixture of equal shares of each task's training split."""
-    need = cfg.steps * cfg.batch_size
+    need = steps * cfg.batch_size
     rng = random.Random(seed)
     if len(names) == 1:
         pool = list(tasks[names[0]].train)
@@ -444,7 +459,9 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
     method, setting, seed, lr = job["method"], job["setting"], job["seed"], job["lr"]
     names = parse_setting(setting)
     max_len = _max_len(cfg, {n: tasks[n] for n in names})
-    stream = _training_stream(cfg, tasks, names, seed)
+    steps = cfg.run_steps(setting)
+    curve_every = cfg.curve_every * (steps // cfg.steps)  # a mixture's curve has a single task's points
+    stream = _training_stream(cfg, tasks, names, seed, steps)
     autocast = _autocast(cfg, device)
     loadavg = os.getloadavg()  # step times compare only on an equally loaded machine
     torch.manual_seed(seed)
@@ -454,7 +471,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
     trainable, total = moa.trainable_parameter_count()
     optimizer = make_optimizer(moa, lr)
     moa.train()
-    schedule = Schedule(steps=cfg.steps, lr=lr, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm)
+    schedule = Schedule(steps=steps, lr=lr, warmup=cfg.run_warmup(steps), max_grad_norm=cfg.max_grad_norm)
     curve: list[dict[str, Any]] = []
 
     def batch_at(step: int) -> Batch:
@@ -462,10 +479,10 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
         return Batch(**{k: v.to(device) for k, v in T.encode_for_training(tokenizer, rows, max_len).items()})
 
     def on_step(report: StepReport) -> None:
-        if report.step == 1 or report.step % max(1, cfg.steps // 5) == 0 or report.step == cfg.steps:
-            log(f"  {method} {setting} seed {seed} lr {lr:g}: step {report.step}/{cfg.steps} loss {report.loss:.4f} "
+        if report.step == 1 or report.step % max(1, steps // 5) == 0 or report.step == steps:
+            log(f"  {method} {setting} seed {seed} lr {lr:g}: step {report.step}/{steps} loss {report.loss:.4f} "
                 f"({report.seconds:.2f} s/step)")
-        if cfg.curve_every and (report.step % cfg.curve_every == 0 or report.step == cfg.steps):
+        if curve_every and (report.step % curve_every == 0 or report.step == steps):
             point = {n: _score(moa, tokenizer, tasks[n].curve, max_len, autocast)[0] for n in names if tasks[n].curve}
             curve.append({"step": report.step, "accuracy": point,
                           "mean": sum(point.values()) / len(point) if point else None})
@@ -486,7 +503,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
     active = active_experts_per_layer(moa, tokenizer, active_pool, max_len)
     timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
     return {
-        **job, "kind": setting_kind(setting), "accuracy": accuracy, "correct": correct,
+        **job, "kind": setting_kind(setting), "steps": steps, "accuracy": accuracy, "correct": correct,
         "mean_accuracy": sum(accuracy.values()) / len(accuracy), "curve": curve, "first_choice_share": first_choice,
         "trainable": trainable, "total": total,
         "step_time_median_s": statistics.median(timed), "step_time_mean_s": sum(timed) / len(timed),
@@ -596,7 +613,8 @@ def run_evaluation(cfg: EvalConfig, out: str | os.PathLike, *, log_path: str | N
     progress = sys.stdout.isatty() if progress is None else progress
     log = _printer(log_path)
     log(f"evaluation → {out}: {len(cfg.methods)} methods x {len(cfg.settings)} settings x {len(cfg.seeds)} seeds"
-        f"{f' x {len(cfg.sweep_lrs)} lrs' if cfg.sweep_lrs else ''}, {cfg.steps} steps of {cfg.batch_size}; "
+        f"{f' x {len(cfg.sweep_lrs)} lrs' if cfg.sweep_lrs else ''}, {cfg.steps} steps of {cfg.batch_size}"
+        f"{' (a mixture of n tasks: n × that)' if cfg.mixture_budget == 'per_task' else ''}; "
         f"{len(done)} runs already there, {len(jobs)} jobs to do")
     cfg_dict = dataclasses.asdict(cfg)
     submit = _isolated if cfg.isolate else _job
