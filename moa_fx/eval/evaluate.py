@@ -153,8 +153,9 @@ class EvalConfig:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
 
     # the fields a run's result depends on besides its (method, setting, seed, lr): a results file holds one
-    RUN_FIELDS = ("steps", "batch_size", "warmup", "mixture_budget", "max_grad_norm", "max_prompt_tokens", "eval_examples", "split",
-                  "curve_every", "curve_examples", "split_seed", "active_examples", "model", "data")
+    RUN_FIELDS = ("steps", "batch_size", "warmup", "mixture_budget", "max_grad_norm", "max_prompt_tokens",
+                  "eval_examples", "split", "curve_every", "curve_examples", "split_seed", "active_examples", "model",
+                  "data")
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)

@@ -24,11 +24,12 @@ each drop as it is drawn, with no temporaries; a table of 4096 buckets per rate 
 without a logarithm (exactly the same gaps). Elsewhere, or without a C compiler, it is torch index
 arithmetic over :func:`site_drops` (its work is p·E·T·d_in, not E·T·d_in). The forward keeps the
 (T, R) z_drop for the backward of B and the weights, so the backward draws the masks once (for dx
-and dA). The expand half runs ``lora_expand``'s Triton kernel on CUDA (``backend``; see ``resolve_backend``) and
-its torch reference elsewhere, so both paths draw the same mask. Dropout probability 0 for every
-expert is the op without dropout (``lora_mixture`` / ``lora_expand``) exactly.
+and dA). The expand half runs ``lora_expand``'s Triton kernel on CUDA (``backend``; see
+``resolve_backend``) and its torch reference elsewhere, so both paths draw the same mask. Dropout
+probability 0 for every expert is the op without dropout (``lora_mixture`` / ``lora_expand``) exactly.
 
-Map: :class:`_Corrections` (the sparse correction of one call, native or torch), ``moa_fx::dropout_lora`` (custom op, fake, autograd) and ``moa_fx::dropout_lora_backward`` (its
+Map: :class:`_Corrections` (the sparse correction of one call, native or torch);
+``moa_fx::dropout_lora`` (custom op, fake, autograd) and ``moa_fx::dropout_lora_backward`` (its
 backward, an op of its own: the drop lists have data-dependent sizes); :func:`dropout_lora` (entry
 point); :func:`dropout_lora_reference` (explicit masks materialised, then the plain equations).
 """
@@ -135,7 +136,8 @@ class _Corrections:
         a_t = a32.t().contiguous()  # (d_in, R): the r columns of one feature k side by side
         ptr = native.pointer
         self.lib.moa_dropout_correct(x32.shape[0], x32.shape[1], len(self.ps), ptr(cols), ptr(keys), ptr(log_keep),
-                                     ptr(tables), ptr(fires), ptr(x32), ptr(a_t), ptr(u), a_t.shape[1], ptr(c), ptr(dx), ptr(da))
+                                     ptr(tables), ptr(fires), ptr(x32), ptr(a_t), ptr(u), a_t.shape[1], ptr(c),
+                                     ptr(dx), ptr(da))
 
 
 _TABLE_BITS = 12  # TABLE_BITS of dropout_cpu.c
