@@ -95,7 +95,7 @@ def _within_rounding(got, ref64, what):
     assert err <= 1e-5 * scale, f"{what}: {err:.3g} > 1e-5 x {scale:.3g}"
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fuse", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fused", "unfused"])
 def test_train_mode_equals_the_unlowered_model_with_the_ops_masks(llama, fuse):
     torch.set_num_threads(1)
     moa = transform(llama, _adamole(), fuse=fuse)
