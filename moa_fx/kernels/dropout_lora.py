@@ -130,7 +130,7 @@ class _Corrections:
     def _native(self, a32: Tensor, *, c=None, u=None, dx=None, da=None) -> None:
         keys = stream_keys(self.seed.to(self.x.device), len(self.ps)).contiguous()
         log_keep, tables = _gap_tables(self.lib, tuple(float(p) for p in self.ps))
-        cols = torch.tensor([0, *itertools.accumulate(int(r) for r in self.ranks)], dtype=torch.int64)
+        cols = _rank_bounds(tuple(int(r) for r in self.ranks))
         fires = (self.weights != 0).to(torch.uint8).contiguous()
         x32 = self.x.to(torch.float32).contiguous()
         a_t = a32.t().contiguous()  # (d_in, R): the r columns of one feature k side by side
@@ -152,6 +152,12 @@ def _native_library():
         lib.moa_gap_table.argtypes = [ctypes.c_double, ctypes.c_void_p]
         lib.moa_gap_table.restype = None
     return lib
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_bounds(ranks: tuple[int, ...]) -> Tensor:
+    """(E + 1,) int64: where each expert's rank columns start in A_cat (and the end)."""
+    return torch.tensor([0, *itertools.accumulate(ranks)], dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=64)

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from moa_fx.errors import KernelError
+
 __all__ = ["mix32", "stream_keys", "token_keys", "row_drops", "drop_positions", "explicit_masks", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
@@ -83,6 +85,11 @@ def row_drops(keys: Tensor, log_keep: Tensor, n: int, *, chunk: int | None = Non
     empty = torch.empty(0, dtype=torch.int64, device=keys.device)
     if keys.numel() == 0 or n <= 0:
         return empty, empty
+    if not bool((log_keep < 0).all()):  # p = 0 (or NaN) would never pass n: the loop below would not end
+        raise KernelError("row_drops: every stream needs a dropout rate p in (0, 1], i.e. log_keep < 0; "
+                          "leave the rows of p = 0 out (they drop nothing)")
+    if chunk is not None and chunk < 1:
+        raise KernelError(f"row_drops: chunk = {chunk} must be >= 1 (or None: sized from p and n)")
     if chunk is None:
         p = 1.0 - math.exp(float(log_keep.min()))  # the largest rate
         chunk = int(math.ceil(n * p + 8.0 * math.sqrt(n * p * (1.0 - p)) + 16))

@@ -19,7 +19,7 @@ from moa_fx.errors import KernelError
 from moa_fx.kernels import dropout_lora, dropout_lora_reference, lora_expand, lora_mixture
 from moa_fx.kernels import native
 from moa_fx.kernels.dropout_lora import _dropout_lora_op, site_drops
-from moa_fx.kernels.dropout_mask import MASK32, drop_positions, explicit_masks, mix32, stream_keys
+from moa_fx.kernels.dropout_mask import MASK32, drop_positions, explicit_masks, mix32, row_drops, stream_keys
 from moa_fx.kernels.reference import lora_mixture_reference
 
 from .test_lora_mixture import CASES, FP32_TOL, assert_bf16_within_naive, assert_close_all, make_inputs, needs_triton
@@ -253,6 +253,15 @@ def test_same_seed_same_mask_and_a_token_mask_does_not_depend_on_the_token_count
     assert torch.equal(short, long[long < 1000])
     assert torch.equal(long, drop_positions(stream_keys(_seed(8), 2)[1], 0.2, 5000))
     assert (torch.diff(long) > 0).all() and long.min() >= 0 and long.max() < 5000
+
+
+def test_row_drops_refuses_a_stream_that_would_never_end():
+    key = stream_keys(_seed(9), 1)
+    for log_keep in (0.0, float("nan")):  # p = 0 never passes n; NaN compares false
+        with pytest.raises(KernelError, match="log_keep < 0"):
+            row_drops(key, torch.tensor([log_keep], dtype=torch.float64), 100)
+    with pytest.raises(KernelError, match="chunk = 0 must be >= 1"):
+        row_drops(key, torch.tensor([math.log1p(-0.1)], dtype=torch.float64), 100, chunk=0)
 
 
 def test_a_stream_longer_than_one_chunk_is_extended_without_changing_it():
