@@ -21,7 +21,9 @@ mask (``benchmarks/bench_dropout_mask.py``). An exact Philox in torch was ruled 
 Paths: on CPU the correction is one C loop (``dropout_cpu.c``, built on first use by :mod:`native`):
 it draws the gap stream of each (token, expert) pair that fires, one row of d_in features, and applies
 each drop as it is drawn, with no temporaries; a table of 4096 buckets per rate gives the gap of most draws
-without a logarithm (exactly the same gaps). Elsewhere, or without a C compiler, it is torch index
+without a logarithm (the same gaps as the loop's own logarithm). The C loop and torch's ``log`` may
+differ by one ulp, which moves a gap only when the quotient falls within that ulp of an integer:
+the paths agree draw for draw except at such rare ties. Elsewhere, or without a C compiler, it is torch index
 arithmetic over :func:`site_drops` (its work is p·E·T·d_in, not E·T·d_in). The forward keeps the
 (T, R) z_drop for the backward of B and the weights, so the backward draws the masks once (for dx
 and dA). The expand half runs ``lora_expand``'s Triton kernel on CUDA (``backend``; see
@@ -52,7 +54,9 @@ from moa_fx.kernels.lora_expand import lora_expand, lora_expand_forward
 from moa_fx.kernels.lora_mixture import check_inputs, expand_backward, fake_like_y, lora_mixture, resolve_backend
 from moa_fx.kernels.reference import column_tables, lora_expand_reference
 
-__all__ = ["dropout_lora", "dropout_lora_reference", "site_drops"]
+__all__ = ["dropout_lora", "dropout_lora_reference", "site_drops", "MIN_RATE"]
+
+MIN_RATE = 1e-12  # the smallest dropout rate above 0: its gaps (up to ~23/p) still fit the int64 positions
 
 
 class Drops(NamedTuple):
@@ -304,6 +308,9 @@ def _check(y, z, x, a_cat, b_cat, weights, seed, ranks, scales, ps) -> None:
     if len(ps) != len(ranks) or any(not 0.0 <= float(p) < 1.0 for p in ps):
         raise KernelError(f"dropout_lora: ps = {list(ps)} must hold one dropout probability in [0, 1) per expert "
                           f"({len(ranks)} experts).")
+    if any(0.0 < float(p) < MIN_RATE for p in ps):  # a gap of ~23/p would overflow the int64 positions
+        raise KernelError(f"dropout_lora: ps = {list(ps)} holds a rate in (0, {MIN_RATE:g}); use 0 (no dropout) or "
+                          f"a rate >= {MIN_RATE:g}.")
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise KernelError(f"dropout_lora: seed must be one int64 value (a 0-d tensor), got dtype {seed.dtype} and "
                           f"{seed.numel()} elements; e.g. torch.randint(0, 2**62, ()).")

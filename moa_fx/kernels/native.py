@@ -44,7 +44,10 @@ _LOCK = threading.Lock()
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC", "cc"))
+    command = shlex.split(os.environ.get("CC") or "cc")
+    if not command:
+        raise OSError("$CC names no compiler")
+    return command
 
 
 def _build(name: str) -> ctypes.CDLL:
@@ -80,7 +83,7 @@ def library(name: str) -> Optional[ctypes.CDLL]:
         if name not in _LOADED:
             try:
                 _LOADED[name] = _build(name)
-            except (OSError, subprocess.SubprocessError) as err:
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:  # ValueError: $CC unparsable
                 warnings.warn(f"moa-fx: the native CPU loop '{name}' is unavailable ({err}); its torch path runs "
                               f"instead (same values, slower). Install a C compiler (or set $CC), or set "
                               f"{NATIVE_ENV}=0 to silence this.", RuntimeWarning, stacklevel=3)

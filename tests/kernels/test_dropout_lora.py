@@ -194,7 +194,12 @@ def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_LOADED", {})
     with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler-moa-fx'.*set \\$CC"):
         assert native.library("dropout_cpu") is None
-    assert not any(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    assert not any(tmp_path.rglob("*.so"))
+    monkeypatch.setenv("CC", "false")  # a compiler that runs and fails: its temporary file must go
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.warns(RuntimeWarning, match="'false -O3.*' failed on dropout_cpu.c"):
+        assert native.library("dropout_cpu") is None
+    assert (tmp_path / "native").is_dir() and not any(p.is_file() for p in tmp_path.rglob("*"))
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     monkeypatch.setattr(native, "_LOADED", {})
     assert native.library("dropout_cpu") is None  # turned off: no build, no warning
@@ -253,6 +258,24 @@ def test_same_seed_same_mask_and_a_token_mask_does_not_depend_on_the_token_count
     assert torch.equal(short, long[long < 1000])
     assert torch.equal(long, drop_positions(stream_keys(_seed(8), 2)[1], 0.2, 5000))
     assert (torch.diff(long) > 0).all() and long.min() >= 0 and long.max() < 5000
+
+
+def test_experts_without_dropout_beside_experts_with_it(correction_path):
+    """p = 0 for two of four experts: those take the plain x, the others their masks (explicit reference)."""
+    case = CASES[3]
+    inputs, scales = make_inputs(case, torch.float32)
+    ranks, ps = list(case.ranks), [0.0, 0.3, 0.0, 0.5][:len(case.ranks)]
+    g = torch.randn(case.num_tokens, case.d_out, generator=torch.Generator().manual_seed(4))
+    got = _grads(lambda *t: dropout_lora(*t, _seed(), ranks, scales, ps), inputs, g)
+    want = _grads(lambda *t: dropout_lora_reference(*t, _seed(), ranks, scales, ps), inputs, g)
+    want[-1] = want[-1] * (inputs[4] != 0)
+    assert_close_all(got, want, FP32_TOL, "mixed rates vs explicit masks")
+
+
+def test_a_rate_too_small_for_the_positions_is_refused():
+    (y, x, a_cat, b_cat, w), scales = make_inputs(CASES[1], torch.float32)
+    with pytest.raises(KernelError, match=r"rate in \(0, 1e-12\); use 0"):
+        dropout_lora(y, x, a_cat, b_cat, w, _seed(), list(CASES[1].ranks), scales, [1e-19] * len(CASES[1].ranks))
 
 
 def test_row_drops_refuses_a_stream_that_would_never_end():
