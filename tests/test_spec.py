@@ -49,6 +49,8 @@ BAD = [
     ({"expert": [{"kind": "lora", "at": "*.q_proj", "rank": 8}]}, "unknown field 'rank' (did you mean 'r'?)"),
     ({"expert": [{"kind": "lora", "at": []}]}, "expert.lora.at = () is not valid"),
     ({"expert": [{"kind": "lora", "at": "*.q_proj", "dropout": 1.5}]}, "expert.lora.dropout = 1.5 is not valid; it must be in [0, 1)"),
+    ({"expert": [{"kind": "lora", "at": "*.q_proj", "dropout": 1e-15}]},
+     "expert.lora.dropout = 1e-15 is not valid; a rate above 0 must be at least 1e-12"),
     ({"expert": [{"kind": "lora", "at": "*.q_proj", "r": [4, 8], "share_a": True}]}, "a shared A needs every expert"),
     ({"expert": [{"kind": "lora", "at": "*.q_proj", "count": 2}], "router": {"scope": "site", "select": "topk", "top_k": 3}},
      "router.top_k = 3 is not valid; expert 'lora' has only 2 experts per site; top_k must be <= 2"),

@@ -320,6 +320,8 @@ class LoraExpert(ExpertSpec):
             object.__setattr__(self, "r", tuple(ranks))
         check_number("expert.lora.alpha", self.alpha, "(0, inf)")
         check_number("expert.lora.dropout", self.dropout, "[0, 1)")
+        if 0 < self.dropout < 1e-12:  # the fused op's smallest rate (moa_fx.kernels.dropout_lora.MIN_RATE)
+            raise fail("expert.lora.dropout", self.dropout, "a rate above 0 must be at least 1e-12; use 0 for no dropout")
         if self.share_a and len(set(self.ranks)) != 1:
             raise fail("expert.lora.share_a", self.share_a, "a shared A needs every expert to have the same rank")
 

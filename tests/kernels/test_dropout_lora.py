@@ -273,6 +273,13 @@ def test_experts_without_dropout_beside_experts_with_it(correction_path):
 
 
 def test_a_rate_too_small_for_the_positions_is_refused():
+    from moa_fx.errors import SpecError
+    from moa_fx.spec import LoraExpert
+
+    # the spec refuses what the op would: the same smallest rate in both places
+    assert LoraExpert(at=("@q",), r=4, alpha=8, dropout=dropout_lora_module.MIN_RATE).dropout > 0
+    with pytest.raises(SpecError, match="at least 1e-12"):
+        LoraExpert(at=("@q",), r=4, alpha=8, dropout=dropout_lora_module.MIN_RATE / 10)
     (y, x, a_cat, b_cat, w), scales = make_inputs(CASES[1], torch.float32)
     with pytest.raises(KernelError, match=r"rate in \(0, 1e-12\); use 0"):
         dropout_lora(y, x, a_cat, b_cat, w, _seed(), list(CASES[1].ranks), scales, [1e-19] * len(CASES[1].ranks))
