@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=None, help="scored examples per task (default 200)")
     parser.add_argument("--curve-every", type=int, default=None, help="validation score every N steps (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the cores really free)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs at once, each a fresh process with --threads threads (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
     parser.add_argument("--no-isolate", action="store_true",
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("max_grad_norm", args.max_grad_norm), ("eval_examples", args.eval_examples),
                        ("curve_every", args.curve_every), ("threads", args.threads), ("device", args.device),
                        ("precision", args.precision), ("split", args.split),
-                       ("mixture_budget", args.mixture_budget)):
+                       ("mixture_budget", args.mixture_budget), ("workers", args.workers)):
         if value is not None:
             overrides[key] = value
     if args.seeds is not None:

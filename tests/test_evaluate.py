@@ -114,6 +114,25 @@ def test_a_stopped_evaluation_resumes_without_repeating_runs_and_refuses_other_s
         ev.run_evaluation(cfg, out)
 
 
+def test_workers_run_jobs_at_once_in_fresh_processes_with_the_same_results(tmp_path):
+    kw = dict(methods=("lora", "sparse_moa"), settings=("parity",), threads=1, **SMALL)
+    sequential = ev.run_evaluation(ev.quick_config(**kw), tmp_path / "one.json", progress=False)
+    parallel = ev.run_evaluation(ev.quick_config(workers=2, isolate=True, **kw), tmp_path / "two.json",
+                                 progress=False)
+    assert not parallel["failures"] and parallel["machine"]["workers"] == 2
+    saved = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    assert sorted(ev.run_key(r) for r in saved["runs"]) == sorted(ev.run_key(r) for r in sequential["runs"])
+    by_key = {ev.run_key(r): r for r in saved["runs"]}
+    for run in sequential["runs"]:  # the same seeds in another process: the same training
+        twin = by_key[ev.run_key(run)]
+        assert twin["isolated"] and twin["losses"] == run["losses"] and twin["correct"] == run["correct"]
+    assert {t: z["correct"] for t, z in saved["zero_shot"].items()} == \
+        {t: z["correct"] for t, z in sequential["zero_shot"].items()}
+    assert "2 runs ran at once" in report.markdown_report(saved)
+    with pytest.raises(InputError, match="workers = 2 runs each job in its own process; it needs isolate"):
+        ev.quick_config(workers=2, **kw)
+
+
 def test_a_failing_run_is_recorded_and_tried_again_by_the_next_call(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     cfg = ev.quick_config(methods=("lora", "mole_topk"), settings=("parity",), **SMALL)

@@ -143,3 +143,66 @@ def test_score_sees_the_base_model_before_and_the_trained_model_after(tmp_path):
     assert len(seen) == 2 and seen[0] is base and isinstance(seen[1], MoAModel)
     assert [e["step"] for e in result.evals] == [0, 2, 4]
     assert result.evals[0]["score"] == 1.0 and "score" not in result.evals[1] and result.evals[2]["score"] == 2.0
+
+
+def _answer_batch(vocab: int = 128, seed: int = 0):
+    """Two rows of different lengths, labels only on each row's last 3 real tokens (the answer)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:], labels[1, 6:9] = ids[0, 9:], ids[1, 6:9]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("preset", ["lora", "sparse_moa", "mole_topk", "adamole"])
+def test_answer_only_loss_is_the_models_own_loss_and_gradient(preset):
+    """The head applied at the labelled positions only gives the model's loss (with the routers' balance
+    loss in training) and the same gradients; dropout draws the same masks from the same seed."""
+    from moa_fx import transform
+    from moa_fx.spec import presets
+    from moa_fx.train import AnswerOnlyLoss
+    from tests.tiny import tiny_model
+
+    moa = transform(tiny_model("llama"), presets.get(preset))
+    moa.train()
+    with torch.no_grad():  # B = 0 at init would hide the adapters from the check
+        for _, p in moa.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    batch = _answer_batch()
+    grads = []
+    for forward in (moa, AnswerOnlyLoss(moa)):
+        torch.manual_seed(5)
+        loss = forward(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), [None if p.grad is None else p.grad.clone()
+                                      for _, p in moa.named_parameters() if p.requires_grad]))
+        moa.zero_grad(set_to_none=True)
+    (l0, g0), (l1, g1) = grads
+    if preset in ("mole_topk", "adamole"):
+        assert moa.aux_loss is not None and moa.spec.router.aux_loss_coef > 0  # the balance term is in both
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert sum(float(g.abs().sum()) for g in g0 if g is not None) > 0
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_only_loss_refuses_what_it_would_get_wrong():
+    from moa_fx import transform
+    from moa_fx.errors import InputError
+    from moa_fx.spec import LoraExpert, Spec, presets
+    from moa_fx.train import AnswerOnlyLoss
+    from tests.tiny import tiny_model
+
+    with pytest.raises(InputError, match="LM head 'lm_head' carries an adapter"):
+        AnswerOnlyLoss(transform(tiny_model("llama"), Spec(experts=[LoraExpert(at=("lm_head",), r=2)])))
+    moa = transform(tiny_model("llama"), presets.get("lora"))
+    moa.config.final_logit_softcapping = 30.0
+    with pytest.raises(InputError, match="final_logit_softcapping, which changes the logits after the LM head"):
+        AnswerOnlyLoss(moa)
+    with pytest.raises(InputError, match="needs a transformed causal LM.*not Linear"):
+        AnswerOnlyLoss(torch.nn.Linear(2, 2))

@@ -12,7 +12,8 @@ Map:
 - :func:`run_evaluation` -- resumable: zero-shot scores per task, then one fine-tuning run per
   (method, setting, seed, lr) not yet in the results file, which is rewritten atomically after each
   job; a progress bar (or, without a terminal, a line per job with the time left). With ``isolate``
-  every run is a fresh process, so its peak RSS (``resource.getrusage``) is its own.
+  every run is a fresh process, so its peak RSS (``resource.getrusage``) is its own; ``workers`` runs
+  that many at once (each with ``threads`` threads), recorded as each finishes.
 - :func:`synthetic_task_dicts`, :class:`CharTokenizer`, :func:`quick_config` -- the smoke version
   (tiny random LLaMA, synthetic BIG-bench-style task dicts): no assets, no network.
 - Tables, significance and charts: :mod:`moa_fx.eval.report`.
@@ -24,10 +25,11 @@ scored by :func:`moa_fx.eval.tasks.predict` -- multiple choice by the summed log
 choice, a free-text task by exact match of the greedy answer's first line -- for the untouched base
 model (zero-shot) and after fine-tuning on the training split with the loss on the answer tokens, by
 the training loop of ``moa-fx train`` (:func:`moa_fx.train.fit`: AdamW, warmup + cosine, gradients
-clipped to ``max_grad_norm``). Every ``curve_every`` steps the first ``curve_examples`` validation
-examples are scored (the learning curve; never the test split). A mixture setting trains on a
-shuffled mix of equal shares of its tasks' training splits and reports the macro mean of its tasks'
-accuracies. Every run stores which scored examples it got right, for the paired bootstrap.
+clipped to ``max_grad_norm``), the LM head applied only at the answer positions
+(:class:`moa_fx.train.AnswerOnlyLoss`: the model's own loss, a quarter less work per step). Every
+``curve_every`` steps the first ``curve_examples`` validation examples are scored (the learning curve;
+never the test split). A mixture setting trains on a shuffled mix of equal shares of its tasks'
+training splits and reports the macro mean of its tasks' accuracies. Every run stores which scored examples it got right, for the paired bootstrap.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from moa_fx.eval import protocol
 from moa_fx.eval import tasks as T
 from moa_fx.fileio import atomic_write_json
 from moa_fx.spec import LoraExpert, Spec, presets
-from moa_fx.train import Schedule, StepReport, fit, make_optimizer
+from moa_fx.train import AnswerOnlyLoss, Schedule, StepReport, fit, make_optimizer
 
 __all__ = [
     "METHODS",
@@ -144,6 +146,7 @@ class EvalConfig:
     curve_every: int = 50  # score the validation subset every this many steps (0: no learning curve)
     curve_examples: int = 64
     threads: int = 2  # the cores really free: on a shared CPU one thread is often faster (ASSETS.md, section 1)
+    workers: int = 1  # jobs run at once, each a fresh process with `threads` threads (> 1 needs isolate)
     split_seed: int = 0
     isolate: bool = True
     active_examples: int = 48  # held-out examples (prompt + right answer, no padding) for the routing stats
@@ -168,9 +171,13 @@ class EvalConfig:
                 raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         if not self.methods or not self.settings or not self.seeds:
             raise InputError("give at least one method, one task setting and one seed")
-        for name in ("steps", "batch_size", "max_prompt_tokens", "eval_examples", "curve_examples", "threads"):
+        for name in ("steps", "batch_size", "max_prompt_tokens", "eval_examples", "curve_examples", "threads",
+                     "workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.workers > 1 and not self.isolate:
+            raise InputError(f"workers = {self.workers} runs each job in its own process; it needs isolate "
+                             "(drop --no-isolate, or give --workers 1)")
         if self.curve_every < 0:
             raise InputError(f"curve_every = {self.curve_every} must be >= 0 (0: no learning curve)")
         if not all(x > 0 for x in (self.lr, *self.lrs.values(), *self.sweep_lrs)):
@@ -494,7 +501,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
                           "mean": sum(point.values()) / len(point) if point else None})
 
     t_train = time.perf_counter()
-    reports = fit(moa, optimizer, schedule, batch_at, autocast=autocast, on_step=on_step)
+    reports = fit(AnswerOnlyLoss(moa), optimizer, schedule, batch_at, autocast=autocast, on_step=on_step)
     train_s = time.perf_counter() - t_train
     losses, step_times = [r.loss for r in reports], [r.seconds for r in reports]
     t_eval = time.perf_counter()
@@ -623,29 +630,62 @@ def run_evaluation(cfg: EvalConfig, out: str | os.PathLike, *, log_path: str | N
         f"{' (a mixture of n tasks: n × that)' if cfg.mixture_budget == 'per_task' else ''}; "
         f"{len(done)} runs already there, {len(jobs)} jobs to do")
     cfg_dict = dataclasses.asdict(cfg)
-    submit = _isolated if cfg.isolate else _job
     bar = _Progress(len(jobs), log, live=progress)
+
+    def record(job: dict, result: dict | None, err: BaseException | None) -> None:
+        if err is not None:  # one failing job must not lose the others' results
+            log(f"FAILED {_describe(job)}: {type(err).__name__}: {err}")
+            results["failures"].append({**job, "error": f"{type(err).__name__}: {err}"})
+            bar.advance(f"FAILED {_describe(job)}")
+            return
+        if job["kind"] == "zero_shot":
+            results["zero_shot"].update(result)
+            summary = ", ".join(f"{n} {r['accuracy']:.3f}" for n, r in result.items())
+        else:
+            results["runs"].append(result)
+            summary = (f"accuracy {result['mean_accuracy']:.3f}, {result['trainable']:,} trainable, "
+                       f"{result['step_time_median_s']:.2f} s/step")
+        results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        atomic_write_json(out, results)
+        bar.advance(f"{_describe(job)}: {summary}")
+
+    def payload(job: dict) -> dict:
+        return {**job, "log": log_path, "echo": not progress}
+
     with bar:
-        for job in jobs:
-            bar.start(_describe(job))
-            try:
-                result = submit(cfg_dict, {**job, "log": log_path, "echo": not progress})
-            except Exception as err:  # one failing job must not lose the others' results
-                log(f"FAILED {_describe(job)}: {type(err).__name__}: {err}")
-                results["failures"].append({**job, "error": f"{type(err).__name__}: {err}"})
-                bar.advance(f"FAILED {_describe(job)}")
-                continue
-            if job["kind"] == "zero_shot":
-                results["zero_shot"].update(result)
-                summary = ", ".join(f"{n} {r['accuracy']:.3f}" for n, r in result.items())
-            else:
-                results["runs"].append(result)
-                summary = (f"accuracy {result['mean_accuracy']:.3f}, {result['trainable']:,} trainable, "
-                           f"{result['step_time_median_s']:.2f} s/step")
-            results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            atomic_write_json(out, results)
-            bar.advance(f"{_describe(job)}: {summary}")
+        if cfg.workers > 1:
+            _run_parallel(cfg, cfg_dict, jobs, payload, record, bar)
+        else:
+            submit = _isolated if cfg.isolate else _job
+            for job in jobs:
+                bar.start(_describe(job))
+                try:
+                    result = submit(cfg_dict, payload(job))
+                except Exception as err:
+                    record(job, None, err)
+                    continue
+                record(job, result, None)
     return results
+
+
+def _run_parallel(cfg: EvalConfig, cfg_dict: dict, jobs: list[dict], payload: Callable[[dict], dict],
+                  record: Callable[[dict, dict | None, BaseException | None], None], bar: "_Progress") -> None:
+    """``cfg.workers`` jobs at a time, each in a fresh process (one job per process, as ``isolate``),
+    recorded as each finishes."""
+    import concurrent.futures
+    import multiprocessing
+
+    bar.start(f"{len(jobs)} jobs, {cfg.workers} at a time")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, max_tasks_per_child=1,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, cfg_dict, payload(job)): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as err:
+                record(futures[future], None, err)
+                continue
+            record(futures[future], result, None)
 
 
 def _isolated(cfg_dict: dict, job: dict) -> dict[str, Any]:
@@ -711,5 +751,6 @@ def _machine(cfg: EvalConfig) -> dict[str, Any]:
     device = _device(cfg)
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "threads": cfg.threads,
+            "workers": cfg.workers,
             "processor": platform.processor() or platform.machine(), "loadavg_at_start": load,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}

@@ -275,6 +275,8 @@ def markdown_report(results: dict[str, Any]) -> str:
             "`resource.getrusage` maximum resident set of the process that ran the run (max over seeds)"
             + (" (one fresh process per run; the loaded base model included)" if cfg["isolate"] else
                " (one process for everything: cumulative, not per method)")
+            + (f". {cfg['workers']} runs ran at once (`--workers`), so step times include their contention for "
+               "the cores" if cfg.get("workers", 1) > 1 else "")
             + ". Active experts / token: mean over layers (and over a layer's routers) of the experts selected "
             "per token, on held-out prompts + answers without padding, out of E per router.", ""]
     verdicts = claims(results)

@@ -10,9 +10,9 @@
 """
 
 from .checkpoint import CHECKPOINT_DIR, LOCK_FILE, STATE_FILE, load_checkpoint, run_lock, save_checkpoint
-from .loop import Schedule, StepReport, fit, lr_at, make_optimizer, trainable_parameters
+from .loop import AnswerOnlyLoss, Schedule, StepReport, fit, lr_at, make_optimizer, trainable_parameters
 from .run import Callbacks, TrainConfig, TrainResult, held_out_metrics, train
 
-__all__ = ["TrainConfig", "TrainResult", "Callbacks", "train", "held_out_metrics", "Schedule", "StepReport", "fit",
+__all__ = ["TrainConfig", "TrainResult", "Callbacks", "train", "held_out_metrics", "Schedule", "StepReport", "fit", "AnswerOnlyLoss",
            "lr_at", "make_optimizer", "trainable_parameters", "save_checkpoint", "load_checkpoint",
            "CHECKPOINT_DIR", "STATE_FILE", "LOCK_FILE", "run_lock"]
