@@ -200,10 +200,12 @@ def _packed_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _leaf_names(root: nn.Module) -> set[str]:
-    """Paths of the installed adapter modules: non-container modules whose parent is a container."""
+    """Paths of the installed adapter modules: non-container modules whose parent is a container and
+    that hold state (a stateless helper, the lowering's dropout seeds, is in the graphs that lower only)."""
     containers = {name for name, m in root.named_modules() if type(m) is nn.Module}
     return {name for name, m in root.named_modules()
-            if name and type(m) is not nn.Module and name.rpartition(".")[0] in containers}
+            if name and type(m) is not nn.Module and name.rpartition(".")[0] in containers
+            and (any(True for _ in m.parameters()) or any(True for _ in m.buffers()))}
 
 
 def _remove_module(root: nn.Module, name: str) -> None:

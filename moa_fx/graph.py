@@ -27,6 +27,7 @@ __all__ = [
     "NUM_OUTPUTS_KEY",
     "EXTRAS_KEY",
     "site_of",
+    "refresh_value",
     "module_path",
     "layer_index",
     "annotate",
@@ -162,6 +163,14 @@ def site_of(node: fx.Node) -> str:
     return node.meta.get(PROVENANCE_KEY, [{}])[-1].get("site", node.name)
 
 
+def refresh_value(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Recompute ``node``'s fake value after its arguments changed (best effort, as in :func:`annotate`)."""
+    try:
+        node.meta["val"] = fake_value(gm, node)
+    except Exception:  # noqa: BLE001
+        node.meta.pop("val", None)
+
+
 def annotate(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node | None, pass_name: str, site: str,
              role: str = "", val: Any = None) -> fx.Node:
     """Give a new node the anchor's module stack and stack trace, a fake value and provenance.
@@ -179,8 +188,5 @@ def annotate(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node | None, pass_nam
     if val is not None:
         node.meta["val"] = val
         return node
-    try:
-        node.meta["val"] = fake_value(gm, node)
-    except Exception:  # noqa: BLE001 - metadata is best effort; the runtime check is the lint + run
-        node.meta.pop("val", None)
+    refresh_value(gm, node)  # metadata is best effort; the runtime check is the lint + run
     return node

@@ -13,7 +13,7 @@ Routing (``insert_routers``):
 
 Fused LoRA sites (``lower_sparse_dispatch``): :func:`lowered_lora_site` (``moa_fx::lora_mixture`` or
 ``moa_fx::grouped_lora``), :func:`dropout_lora_site` (``moa_fx::dropout_lora``: experts with input
-dropout) and :func:`site_weights`, the router columns they read.
+dropout; :func:`seed_at` its seed) and :func:`site_weights`, the router columns they read.
 
 Shared-input GEMMs (``fuse_shared_input``): :func:`shared_input_projection` (one GEMM, then a split),
 and each reader rebuilt on its piece: :func:`expand_lora_site` (``moa_fx::lora_expand``),
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .kernels import dropout_lora, grouped_lora, lora_expand, lora_mixture
 
 __all__ = ["prompt_projection", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
-           "dropout_lora_site", "shared_input_projection", "expand_lora_site", "expand_dropout_lora_site", "lora_from_projection", "router_from_projection",
+           "dropout_lora_site", "seed_at", "shared_input_projection", "expand_lora_site", "expand_dropout_lora_site", "lora_from_projection", "router_from_projection",
            "threshold_from_projection"]
 
 
@@ -137,11 +137,16 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
     return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
 
 
+def seed_at(seeds: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Site ``index``'s dropout seed from the forward's :class:`~moa_fx.kinds.lora.DropoutSeeds` (None in eval)."""
+    return None if seeds is None else seeds[index]
+
+
 def dropout_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, a_list: list[torch.Tensor],
                       b_list: list[torch.Tensor], ranks: list[int], scales: list[float], cols: list[int], form: str,
                       ps: list[float], seed: torch.Tensor | None) -> torch.Tensor:
     """``y + Σ_e w[…, col_e]·s_e·B_e(A_e(dropout_e(x)))``, an independent mask per expert drawn from
-    ``seed`` (the site's ``DropoutSeed``: None in eval, then this is :func:`lowered_lora_site` in
+    ``seed`` (the site's, :func:`seed_at`: None in eval, then this is :func:`lowered_lora_site` in
     ``form``); the router that made w read the undropped x (METHODS.md)."""
     if seed is None:
         return lowered_lora_site(y, x, w, a_list, b_list, ranks, scales, cols, form)

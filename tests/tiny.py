@@ -164,8 +164,8 @@ def base_model(family: str):
     return _BASES[family]
 
 
-def built(family: str, key: str, spec_fn) -> Built:
-    """``transform(base_model(family), spec_fn(), fuse=False)``, cached under ``(family, key)``.
+def built(family: str, key: str, spec_fn, lower: str = "auto") -> Built:
+    """``transform(base_model(family), spec_fn(), fuse=False, lower=lower)``, cached under ``(family, key, lower)``.
 
     Tests randomise the adapters in place before use; :attr:`Built.init_state` keeps the inits.
     Without the shared-input fusion: it only reorders sums (one GEMM over stacked weights), but the
@@ -174,14 +174,14 @@ def built(family: str, key: str, spec_fn) -> Built:
     is checked against the unfused one instead: every preset in fp32, and to 1e-10 in float64
     (tests/passes/test_fuse_shared_input.py), so these equations hold for it too.
     """
-    if (family, key) not in _BUILT:
+    if (family, key, lower) not in _BUILT:
         from moa_fx import transform
 
         hf = base_model(family)
-        moa = transform(hf, spec_fn(), fuse=False)
+        moa = transform(hf, spec_fn(), fuse=False, lower=lower)
         init = {k: v.detach().clone() for k, v in moa.adapters.state_dict().items()}
-        _BUILT[family, key] = Built(hf, moa, init)
-    return _BUILT[family, key]
+        _BUILT[family, key, lower] = Built(hf, moa, init)
+    return _BUILT[family, key, lower]
 
 
 class TinyMLP(nn.Module):

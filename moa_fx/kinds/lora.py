@@ -4,6 +4,9 @@ Spec: :class:`~moa_fx.spec.LoraExpert`. Sites: every projection (:class:`~moa_fx
 Emits, per expert, one ``call_module`` node ``Δ_e = s·B_e(A_e(dropout(x)))`` reading the
 projection's input x (a :class:`LoraDelta`, or a :class:`SharedALoraDelta` head sharing one A),
 an expert slot anchored at the projection's output; the combine is inserted by ``insert_routers``.
+HydraLoRA's heads (``share_a``) with dropout read one dropped copy of x, ``x_d = dropout(x)``: a
+``call_module`` node of the first head's ``input_dropout``, emitted once per site (METHODS.md: one
+mask before the shared A), so each head is ``s·B_e(A(x_d))``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ..graph import shaped_like
 from ..spec import LoraExpert
 from .registry import ExpertKind, register
 
-__all__ = ["LoraKind", "LoraDelta", "SharedALoraDelta", "DropoutSeed"]
+__all__ = ["LoraKind", "LoraDelta", "SharedALoraDelta", "DropoutSeeds"]
 
 
 def _linear_weight(out_features: int, in_features: int, device, dtype) -> nn.Parameter:
@@ -28,23 +31,21 @@ def _linear_weight(out_features: int, in_features: int, device, dtype) -> nn.Par
     return nn.Parameter(w)
 
 
-class DropoutSeed(nn.Module):
-    """The dropout seed of a lowered site (``lower_sparse_dispatch``): in training a fresh int64 seed
-    from torch's generator on x's device (``torch.manual_seed`` reproduces it and activation
-    checkpointing's RNG replay draws it again), in eval None (no dropout). A child of every
-    :class:`LoraDelta` with dropout, beside its ``nn.Dropout``, so that ``train()``/``eval()`` switch
-    both alike (a HydraLoRA head has none: its sites are not lowered with dropout)."""
+class DropoutSeeds(nn.Module):
+    """The dropout seeds of the lowered sites with input dropout (``lower_sparse_dispatch``), one per
+    site, drawn by one node at the start of the forward: in training fresh int64 seeds from torch's
+    generator on x's device (``torch.manual_seed`` reproduces them; activation checkpointing's blocks
+    read them as inputs, so a recomputation sees the same ones), in eval None (no dropout).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    One draw, not one per site: Inductor gives every random op of a graph its own offset into its seed
+    buffer, written into the kernel's code, so a draw per site made every site's fused kernel distinct
+    (one C++ or Triton compile per site and layer); with one draw the sites' kernels are the same code
+    in every layer. The adapter root's child, so that ``train()``/``eval()`` switch it."""
+
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor | None:
         if not self.training:
             return None
-        return torch.randint(0, 2 ** 62, (), device=x.device)
-
-
-def _dropout(module: nn.Module, p: float, seed: bool) -> None:
-    module.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
-    if p > 0 and seed:
-        module.seed = DropoutSeed()
+        return torch.randint(0, 2 ** 62, (n,), device=x.device)
 
 
 class LoraDelta(nn.Module):
@@ -56,7 +57,7 @@ class LoraDelta(nn.Module):
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.lora_A = _linear_weight(r, d_in, device, dtype)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        _dropout(self, dropout, seed=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
@@ -66,10 +67,12 @@ class LoraDelta(nn.Module):
 
 
 class SharedALoraDelta(nn.Module):
-    """HydraLoRA head ``e``: ``s·B_e(A(dropout(x)))`` with A shared by every head at the site.
+    """HydraLoRA head ``e``: ``s·B_e(A(x_d))`` with A shared by every head at the site.
 
     The shared A is owned by the site's first head; the other heads hold a reference to it, so
-    it is one parameter (saved once, under the first head's name).
+    it is one parameter (saved once, under the first head's name). So is the site's input dropout,
+    ``input_dropout`` (``x_d = dropout(x)``, one mask for every head, METHODS.md): the graph calls it
+    once and feeds ``x_d`` to every head, whose own ``dropout`` is the identity.
     """
 
     def __init__(self, shared: "SharedALoraDelta | None", d_in: int, d_out: int, r: int, alpha: float,
@@ -81,7 +84,9 @@ class SharedALoraDelta(nn.Module):
         else:
             self._shared = [shared]  # a plain list: not registered twice as a submodule
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        _dropout(self, dropout, seed=False)
+        self.dropout = nn.Identity()  # the heads read x_d, dropped once by the first head's input_dropout
+        if shared is None:
+            self.input_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def shared_A(self) -> torch.Tensor:
@@ -102,6 +107,7 @@ class LoraKind(ExpertKind):
         device, dtype = emit.weight_device_dtype(site.weight)
         shared = None
         anchor = y.next
+        read = x  # what the experts read: x, or HydraLoRA's x dropped once
         for i, r in enumerate(rule.ranks):
             if rule.share_a:
                 def make(r=r, shared=shared):
@@ -113,11 +119,18 @@ class LoraKind(ExpertKind):
             target = emit.install(i, make)
             if rule.share_a and shared is None:
                 shared = emit.submodule(target)
+                if rule.dropout > 0:
+                    with emit.inserting_before(anchor):
+                        read = emit.add("call_module", f"{target}.input_dropout", (x,), anchor=y,
+                                        role=f"input dropout of {rule.name} (one mask, every head)",
+                                        val=shaped_like(x))
             with emit.inserting_before(anchor):
-                delta = emit.add("call_module", target, (x,), anchor=y, role=f"expert {rule.name}.{i}",
+                delta = emit.add("call_module", target, (read,), anchor=y, role=f"expert {rule.name}.{i}",
                                  val=shaped_like(y))
-            emit.slot(delta, anchor=y, index=i, count=len(rule.ranks), layout="tokens", module=target, input=x)
-        emit.record(f"{len(rule.ranks)} x LoRA r={list(rule.ranks)} alpha={rule.alpha}")
+            emit.slot(delta, anchor=y, index=i, count=len(rule.ranks), layout="tokens", module=target, input=read,
+                      site_input=x)
+        once = ", x dropped once for every head" if rule.share_a and rule.dropout > 0 else ""
+        emit.record(f"{len(rule.ranks)} x LoRA r={list(rule.ranks)} alpha={rule.alpha}{once}")
 
     def parameter_count(self, rule: LoraExpert, site) -> int:
         # A_e: (r, d_in), B_e: (d_out, r); with share_a one A for every head

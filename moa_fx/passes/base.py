@@ -62,6 +62,7 @@ class ExpertSlot:
     kind: str  # lora | parallel_adapter | prompt
     module: str  # target of the expert module under the GraphModule
     input: str  # node the expert reads
+    site_input: str = ""  # the site's input before any expert's input dropout (a site router reads it); "": input
 
 
 @dataclass

@@ -76,14 +76,16 @@ class Emitter:
         return node
 
     def slot(self, delta: fx.Node, *, anchor: fx.Node, index: int, count: int, layout: str, module: str,
-             input: fx.Node) -> None:
-        """Register expert ``index`` of ``count`` at this site: ``delta`` is added to ``anchor``'s value
-        (layout "tokens": (…, d); "heads": (B, H, S, hd)) once the router has weighted it."""
+             input: fx.Node, site_input: fx.Node | None = None) -> None:
+        """Register expert ``index`` of ``count`` at this site: ``delta`` (reading ``input``) is added to
+        ``anchor``'s value (layout "tokens": (…, d); "heads": (B, H, S, hd)) once the router has weighted
+        it; ``site_input``: the site's undropped input when ``input`` is a dropped copy of it."""
         p = self.placement
         self.ctx.slots.append(ExpertSlot(
             expert_id=expert_id(self.ctx, p, index, count), anchor=anchor.name, delta=delta.name,
             router_key=router_key(self.ctx, p), layout=layout, site=p.site.path, rule=p.rule.name,
-            kind=p.rule.kind, module=module, input=input.name))
+            kind=p.rule.kind, module=module, input=input.name,
+            site_input=site_input.name if site_input is not None else ""))
 
     def record(self, note: str) -> None:
         """The PassRecord of this placement: the nodes added so far and ``note``."""

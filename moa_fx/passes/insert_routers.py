@@ -31,8 +31,8 @@ PASS = "insert_routers"
 
 
 def _router_input(ctx: PassContext, key: str, slots) -> str:
-    if ctx.spec.router.kind == "site":
-        return slots[0].input
+    if ctx.spec.router.kind == "site":  # the undropped x (METHODS.md), not a dropped copy the experts read
+        return slots[0].site_input or slots[0].input
     scope = ctx.plan.blocks[key]
     return scope.normed if ctx.spec.router.input == "normed" and scope.normed else scope.input
 

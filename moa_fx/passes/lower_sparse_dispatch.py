@@ -11,9 +11,11 @@ kept with the last row's reason (rows go from the most specialised to the most g
 
 The rows, in order:
 - ``dropout_lora``: the LoRA experts of a ``mix``, reading one input x, at least one with input
-  dropout, each with its own A (HydraLoRA's heads share A and, in METHODS.md, one mask: kept). Emits ``seed = <first dropped expert>.seed(x)`` (its :class:`~moa_fx.kinds.lora.DropoutSeed`:
-  a fresh seed per call in training, None in eval, switched by ``train()``/``eval()`` like the
-  experts' ``nn.Dropout``) and ``y' = dropout_lora_site(y, x, w, [A…], [B…], ranks, scales, cols,
+  dropout, each with its own A (HydraLoRA's heads share A and read x dropped once, by a node of
+  their own: the ``lora_mixture`` row, reading that x). Emits ``seed = seed_at(seeds, i)``, site
+  i's entry of the forward's one ``seeds`` draw (:class:`~moa_fx.kinds.lora.DropoutSeeds`, after the
+  graph's inputs: fresh seeds per call in training, None in eval, switched by ``train()``/``eval()``)
+  and ``y' = dropout_lora_site(y, x, w, [A…], [B…], ranks, scales, cols,
   form, ps, seed)``, which calls ``moa_fx::dropout_lora`` (an independent mask per expert, made in the
   op) in training and ``lowered_lora_site`` in ``form`` in eval.
 - ``lora_mixture``: the same experts with no input dropout. Emits
@@ -38,8 +40,9 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..graph import LOWERING_KEY
+from ..graph import ADAPTER_ROOT, LOWERING_KEY, add_submodule, refresh_value
 from ..kernels import choose_form
+from ..kinds.lora import DropoutSeeds
 from ..sites import SitePlan
 from ..spec import LoraExpert, Spec
 from .base import ExpertSlot, PassContext, PassRecord, lora_weight_targets, new_node, weight_columns
@@ -55,7 +58,6 @@ REASONS = {  # reason code -> its words in ctx.lowering and the records' notes
     "inputs_differ": "experts read different inputs",
     "dropout": "per-expert input dropout (set dropout = 0 to lower)",
     "no_dropout": "no input dropout (the lora_mixture row applies)",
-    "shared_a": "input dropout before a shared A (HydraLoRA): one mask for every head",
     "cost_model": "cost model",
     "forced": "forced",
 }
@@ -123,11 +125,7 @@ def _dropout_ps(ctx: PassContext, m: Match) -> list[float]:
 
 
 def _has_dropout(ctx: PassContext, m: Match) -> str | None:
-    if not any(_dropout_ps(ctx, m)):
-        return "no_dropout"
-    # a HydraLoRA head (shared A) has no seed: METHODS.md drops x once before the shared A, which an
-    # independent mask per expert would not reproduce
-    return None if all(hasattr(ctx.gm.get_submodule(s.module), "seed") for s in m.slots) else "shared_a"
+    return None if any(_dropout_ps(ctx, m)) else "no_dropout"
 
 
 def _lora_site_args(ctx: PassContext, m: Match, form: str):
@@ -159,12 +157,35 @@ def _emit_lora_mixture(ctx: PassContext, m: Match, form: str) -> Emitted:
 def _emit_dropout_lora(ctx: PassContext, m: Match, form: str) -> Emitted:
     args, added, (chosen, code, reason) = _lora_site_args(ctx, m, form)
     ps = _dropout_ps(ctx, m)
-    owner = next(s for s, p in zip(m.slots, ps) if p > 0)
-    seed = new_node(ctx, "call_module", f"{owner.module}.seed", (args[1],), anchor=m.y, pass_name=PASS, site=m.site,
+    seeds = _seeds_node(ctx)
+    index = seeds.args[1]
+    seeds.args = (seeds.args[0], index + 1)
+    refresh_value(ctx.gm, seeds)
+    seed = new_node(ctx, "call_function", ops.seed_at, (seeds, index), anchor=m.y, pass_name=PASS, site=m.site,
                     role="dropout seed")
     node = new_node(ctx, "call_function", ops.dropout_lora_site, (*args, ps, seed), anchor=m.y, pass_name=PASS,
                     site=m.site, role="fused dropout LoRA mixture", val=m.y.meta.get("val"))
     return Emitted(node, chosen, code, dropout_reason(ps, reason), added + [seed.name, node.name])
+
+
+def _seeds_node(ctx: PassContext) -> fx.Node:
+    """The forward's one draw of every site's dropout seed (:class:`~moa_fx.kinds.lora.DropoutSeeds`),
+    after the graph's inputs; made by the first site that needs it, each site adding one seed."""
+    graph = ctx.gm.graph
+    target = f"{ADAPTER_ROOT}.dropout_seeds"
+    found = next((n for n in graph.nodes if n.op == "call_module" and n.target == target), None)
+    if found is not None:
+        return found
+    # not ctx.install: no adapter (nothing saved or trained), and graphs that do not lower (the cached
+    # graph on CPU) lack it; one module shared by every derived graph that does
+    if not isinstance(getattr(ctx.adapters, "dropout_seeds", None), DropoutSeeds):
+        add_submodule(ctx.gm, target, DropoutSeeds())
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(inputs[-1]):
+        node = new_node(ctx, "call_module", target, (inputs[0], 0), anchor=None, pass_name=PASS, site="",
+                        role="dropout seeds (one per site)")
+    node.meta["nn_module_stack"] = {}  # the model's root: in no decoder block (checkpointing leaves it outside)
+    return node
 
 
 def dropout_reason(ps: list[float], reason: str) -> str:
@@ -214,10 +235,7 @@ def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[st
         weight = gm.get_parameter(p.site.weight)
         chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
                                    p.site.d_out, form)
-        if p.rule.dropout > 0 and p.rule.share_a:
-            out[p.site.path] = {"form": "unlowered", "reason": REASONS["dropout"]}
-            continue
-        if p.rule.dropout > 0:
+        if p.rule.dropout > 0 and not p.rule.share_a:  # HydraLoRA's heads read x dropped once, undropped after
             reason = dropout_reason([float(p.rule.dropout)] * len(p.rule.ranks), reason)
         out[p.site.path] = {"form": chosen, "reason": reason}
     return out

@@ -290,7 +290,8 @@ class LoraExpert(ExpertSpec):
         "rank of each expert; a list gives one expert per rank (heterogeneous mixture)"))
     alpha: float = field(default=8.0, metadata=help_text("LoRA alpha; the scale is alpha / r per expert"))
     dropout: float = field(default=0.0, metadata=help_text(
-        "dropout on the expert input, drawn independently in each expert; the router reads the undropped input"))
+        "dropout on the expert input, drawn independently in each expert (with share_a one mask for all, before the "
+        "shared A); the router reads the undropped input"))
     count: int = field(default=1, metadata=help_text(
         "experts per site when r is one number (r is then shared by all of them)"))
     share_a: bool = field(default=False, metadata=help_text(

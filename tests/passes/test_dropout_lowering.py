@@ -17,8 +17,9 @@ from torch import nn
 
 from moa_fx import load_spec, transform
 from moa_fx.kernels.dropout_mask import explicit_masks
-from moa_fx.kinds.lora import DropoutSeed, LoraDelta
-from moa_fx.ops import dropout_lora_site, expand_dropout_lora_site, lowered_lora_site
+from moa_fx.graph import site_of
+from moa_fx.kinds.lora import DropoutSeeds, LoraDelta
+from moa_fx.ops import dropout_lora_site, expand_dropout_lora_site, lowered_lora_site, seed_at
 from moa_fx.passes.lower_sparse_dispatch import plan_lowering
 from tiny import randomize_adapters, tiny_model, tokens
 
@@ -49,11 +50,18 @@ class ExplicitDropout(nn.Module):
 
 
 def _record_seeds(moa) -> dict:
+    """<site>.<rule> -> the seed its site drew: entry i of the forward's one draw, for the site whose
+    ``seed_at`` reads index i."""
+    index = {n.args[1]: site_of(n) for n in moa.graph_module.graph.nodes if n.target is seed_at}
     seeds = {}
-    for name, module in moa.adapters.named_modules():
-        if isinstance(module, DropoutSeed):
-            site = name.rsplit(".", 2)[0]  # <site>.<rule>.<expert>.seed -> <site>.<rule>
-            module.register_forward_hook(lambda m, args, out, site=site: seeds.__setitem__(site, out))
+    draws = [m for m in moa.adapters.modules() if isinstance(m, DropoutSeeds)]
+    assert len(draws) == 1  # one draw for every site
+
+    def record(module, args, out):
+        if out is not None:  # None in eval
+            seeds.update({f"{site}.lora": out[i] for i, site in index.items()})
+
+    draws[0].register_forward_hook(record)
     return seeds
 
 
@@ -65,6 +73,15 @@ def _explicit_reference(llama, lowered, seeds: dict):
             site, index = name.rsplit(".", 1)
             module.dropout = ExplicitDropout(seeds, site, int(index), [P] * 8)
     return ref
+
+
+def _under_one_seed(seed: int, first, second, ids):
+    """Both models' outputs (with the loss) from the same torch.manual_seed: the same dropout draws."""
+    outs = []
+    for model in (first, second):
+        torch.manual_seed(seed)
+        outs.append(model(input_ids=ids, labels=ids))
+    return outs
 
 
 def _grads(moa, loss):
@@ -137,7 +154,7 @@ def test_without_dropout_the_lora_mixture_row_lowers_and_train_equals_unlowered(
     ref = transform(llama, _adamole(0.0), lower="off")
     randomize_adapters(ref, std=0.1)
     moa.adapters.load_state_dict(ref.adapters.state_dict())
-    assert not any(isinstance(m, DropoutSeed) for m in moa.adapters.modules())
+    assert not any(isinstance(m, DropoutSeeds) for m in moa.adapters.modules())
     assert not any(n.target in (dropout_lora_site, expand_dropout_lora_site) for n in moa.graph_module.graph.nodes)
     ids = tokens(2, 9)
     moa.train(), ref.train()
@@ -153,14 +170,58 @@ def test_unlowered_experts_with_dropout_stay_out_of_the_shared_gemm(llama):
     assert kept and set(kept) == {"dropout"}
 
 
-def test_hydralora_heads_with_dropout_are_kept(llama):
-    """METHODS.md drops HydraLoRA's x once, before the shared A; the op draws a mask per expert, so
-    these sites stay unlowered (their reason: dropout), in the pass and in moa-fx sites alike."""
-    moa = transform(llama, "hydralora")
-    assert moa.lowering and all(v == {"form": "unlowered", "reason": "per-expert input dropout (set dropout = 0 to "
-                                      "lower)"} for v in moa.lowering.values())
+def _hydralora(p: float = P):
+    spec = load_spec("hydralora")
+    return dataclasses.replace(spec, experts=tuple(dataclasses.replace(e, dropout=p) for e in spec.experts))
+
+
+@pytest.mark.parametrize("lower", ["off", "auto"])
+def test_hydralora_heads_read_x_dropped_once(llama, lower):
+    """METHODS.md: ``Σ_e g_e · s·B_e(A(dropout(x)))``, one mask before the shared A. With a uniform router
+    (g_e = 1/E) the gradient of head e's B is ``g_e·s·Σ_t δ_t·A(x_d)_tᵀ``, the same for every head when
+    they read one dropped x, and different heads' masks would make them differ."""
+    moa = transform(llama, _hydralora(), lower=lower)
+    randomize_adapters(moa, std=0.1)
+    with torch.no_grad():
+        for name, param in moa.adapters.named_parameters():
+            if name.endswith("router.proj.weight"):
+                param.zero_()
+    moa.train()
+    ids = tokens(2, 9)
+    grads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        moa.zero_grad(set_to_none=True)
+        moa(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in moa.adapters.named_parameters() if n.endswith("lora_B")})
+    sites = {n.rsplit(".lora.", 1)[0] for n in grads[0]}
+    assert len(sites) == 2 * 5  # q, k, v, o, down in 2 layers
+    for site in sites:
+        heads = [grads[0][f"{site}.lora.{e}.lora_B"] for e in range(4)]
+        assert float(heads[0].abs().max()) > 0
+        for head in heads[1:]:
+            torch.testing.assert_close(head, heads[0], rtol=1e-5, atol=1e-7)
+    # the dropout is on: another draw gives other gradients
+    assert not torch.allclose(grads[0][f"{site}.lora.0.lora_B"], grads[1][f"{site}.lora.0.lora_B"])
+    assert not any(isinstance(m, DropoutSeeds) for m in moa.adapters.modules())
+
+
+def test_hydralora_with_dropout_lowers_to_the_unlowered_function(llama):
+    """The lowered heads read the same dropped x (the same node, the same draw under one seed): loss and
+    gradients in training equal the unlowered graph's; moa-fx sites' plan says what the pass did."""
+    moa, ref = (transform(llama, _hydralora(), lower=lower) for lower in ("auto", "off"))
+    randomize_adapters(ref, std=0.1)
+    moa.adapters.load_state_dict(ref.adapters.state_dict())
+    assert moa.lowering and all(v["form"] != "unlowered" for v in moa.lowering.values())
     assert plan_lowering(moa.graph_module, SimpleNamespace(placements=moa.placements), moa.spec) == moa.lowering
-    assert not any(isinstance(m, DropoutSeed) for m in moa.adapters.modules())
+    ids = tokens(2, 9)
+    moa.train(), ref.train()
+    got, want = _under_one_seed(1, moa, ref, ids)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(moa, got.loss), _grads(ref, want.loss)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+    torch.manual_seed(2)  # another draw moves the loss: the dropout is on
+    assert not torch.allclose(moa(input_ids=ids, labels=ids).loss, got.loss)
 
 
 @pytest.mark.slow  # an Inductor-free but whole-model aot_eager compile in train mode: ~20 s
@@ -178,10 +239,7 @@ def test_train_mode_compiles_fullgraph_and_draws_the_eager_masks(llama):
     compiled = torch.compile(moa, backend="aot_eager", fullgraph=True, dynamic=True)
     params = [p for p in moa.parameters() if p.requires_grad]
     ids = tokens(2, 7)
-    torch.manual_seed(3)
-    want = moa(input_ids=ids, labels=ids)
-    torch.manual_seed(3)
-    got = compiled(input_ids=ids, labels=ids)
+    want, got = _under_one_seed(3, moa, compiled, ids)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(_grads(moa, got.loss), _grads(moa, want.loss)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
