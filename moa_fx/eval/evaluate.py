@@ -26,10 +26,11 @@ choice, a free-text task by exact match of the greedy answer's first line -- for
 model (zero-shot) and after fine-tuning on the training split with the loss on the answer tokens, by
 the training loop of ``moa-fx train`` (:func:`moa_fx.train.fit`: AdamW, warmup + cosine, gradients
 clipped to ``max_grad_norm``), the LM head applied only at the answer positions
-(:class:`moa_fx.train.AnswerOnlyLoss`: the model's own loss, a quarter less work per step). Every
-``curve_every`` steps the first ``curve_examples`` validation examples are scored (the learning curve;
-never the test split). A mixture setting trains on a shuffled mix of equal shares of its tasks'
-training splits and reports the macro mean of its tasks' accuracies. Every run stores which scored examples it got right, for the paired bootstrap.
+(:class:`moa_fx.train.AnswerOnlyLoss`: the model's own loss, about a fifth less work per step).
+Every ``curve_every`` steps the first ``curve_examples`` validation examples are scored (the learning
+curve; never the test split). A mixture setting trains on a shuffled mix of equal shares of its tasks'
+training splits and reports the macro mean of its tasks' accuracies. Every run stores which scored
+examples it got right, for the paired bootstrap.
 """
 
 from __future__ import annotations
@@ -676,8 +677,9 @@ def _run_parallel(cfg: EvalConfig, cfg_dict: dict, jobs: list[dict], payload: Ca
     import multiprocessing
 
     bar.start(f"{len(jobs)} jobs, {cfg.workers} at a time")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, max_tasks_per_child=1,
-                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, max_tasks_per_child=1,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    try:
         futures = {pool.submit(_job, cfg_dict, payload(job)): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             try:
@@ -686,6 +688,8 @@ def _run_parallel(cfg: EvalConfig, cfg_dict: dict, jobs: list[dict], payload: Ca
                 record(futures[future], None, err)
                 continue
             record(futures[future], result, None)
+    finally:  # on an interrupt, the queued jobs are dropped instead of waited for (the file has every finished one)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _isolated(cfg_dict: dict, job: dict) -> dict[str, Any]:

@@ -235,7 +235,7 @@ def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[st
         weight = gm.get_parameter(p.site.weight)
         chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
                                    p.site.d_out, form)
-        if p.rule.dropout > 0 and not p.rule.share_a:  # HydraLoRA's heads read x dropped once, undropped after
+        if p.rule.dropout > 0 and not p.rule.share_a:  # HydraLoRA's heads read x already dropped: no dropout here
             reason = dropout_reason([float(p.rule.dropout)] * len(p.rule.ranks), reason)
         out[p.site.path] = {"form": chosen, "reason": reason}
     return out

@@ -8,7 +8,7 @@ The loss of a step is ``forward(input_ids=…, attention_mask=…, labels=…).l
 :class:`~moa_fx.MoAModel` in training mode that is the base model's loss over the labels that are not
 :data:`~moa_fx.data.IGNORE_INDEX` (the answer tokens, where the data mask the prompt) plus
 ``router.aux_loss_coef`` × the routers' balance loss. :class:`AnswerOnlyLoss` is the same loss with the LM
-head applied only at the labelled positions (the evaluation's forward: a quarter less work per step when
+head applied only at the labelled positions (the evaluation's forward: about a fifth less work per step when
 only short answers are labelled).
 """
 
