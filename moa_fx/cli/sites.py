@@ -122,7 +122,7 @@ def sites_report(model_ref: str, spec_ref: str, dynamic: bool | None = None, low
         by_kind["router"] = routers["parameters"]
     lowering: dict[str, Any] = {}
     if plan is not None and lower != "off":
-        from ..passes.lower_sparse_dispatch import plan_lowering
+        from ..passes.lowering_form import plan_lowering
 
         per_site = plan_lowering(gm, plan, spec, lower)
         counts: dict[str, int] = {}

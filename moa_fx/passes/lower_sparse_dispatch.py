@@ -26,9 +26,7 @@ reference elsewhere, and erase the lowered Δ nodes and the combine. The chosen 
 reason are stored on the node (``meta[LOWERING_KEY]``) and in ``ctx.lowering`` for the CLI.
 Records: one PassRecord per site, lowered or kept (``outcome``: the form; ``reason``: a code).
 
-The form comes from :func:`moa_fx.kernels.choose_form` at a nominal token count and the expected
-activation rate of the router's selection (dense 1, top-k k/E, threshold 1/2), unless the caller
-forces ``"dense"`` or ``"grouped"``.
+The form comes from :func:`~moa_fx.passes.lowering_form.decide` (the cost model, or forced).
 """
 
 from __future__ import annotations
@@ -41,25 +39,20 @@ import torch.fx as fx
 
 from .. import ops
 from ..graph import ADAPTER_ROOT, LOWERING_KEY, add_submodule, refresh_value
-from ..kernels import choose_form
 from ..kinds.lora import DropoutSeeds
-from ..sites import SitePlan
-from ..spec import LoraExpert, Spec
 from .base import ExpertSlot, PassContext, PassRecord, lora_weight_targets, new_node, weight_columns
+from .lowering_form import FORM_REASONS, decide, dropout_reason
 
-__all__ = ["lower_sparse_dispatch", "plan_lowering", "decide", "dropout_reason", "Lowering", "Match", "Emitted", "LOWERINGS",
-           "REASONS", "NOMINAL_TOKENS"]
+__all__ = ["lower_sparse_dispatch", "Lowering", "Match", "Emitted", "LOWERINGS", "REASONS"]
 
 PASS = "lower_sparse_dispatch"
-NOMINAL_TOKENS = 8192  # a training batch of 4 × 2048 tokens: the shape PERF.md measures
 
 REASONS = {  # reason code -> its words in ctx.lowering and the records' notes
     "no_lora": "no LoRA experts",
     "inputs_differ": "experts read different inputs",
     "dropout": "per-expert input dropout (set dropout = 0 to lower)",
     "no_dropout": "no input dropout (the lora_mixture row applies)",
-    "cost_model": "cost model",
-    "forced": "forced",
+    **FORM_REASONS,
 }
 
 
@@ -188,57 +181,10 @@ def _seeds_node(ctx: PassContext) -> fx.Node:
     return node
 
 
-def dropout_reason(ps: list[float], reason: str) -> str:
-    """The lowering note of a site with input dropout: training runs ``dropout_lora``, eval the form."""
-    return f"input dropout {sorted(set(ps))}: moa_fx::dropout_lora in training; in eval {reason}"
-
-
 LOWERINGS: tuple[Lowering, ...] = (
     Lowering("dropout_lora", ops.mix, _is_lora, (_has_experts, _one_input, _has_dropout), _emit_dropout_lora),
     Lowering("lora_mixture", ops.mix, _is_lora, (_has_experts, _one_input, _no_dropout), _emit_lora_mixture),
 )
-
-
-# --- the form -----------------------------------------------------------------------------------------
-
-
-def _expected_rate(spec: Spec, num_experts: int) -> float:
-    r = spec.router
-    if r.kind == "none" or r.select == "dense":
-        return 1.0
-    if r.select == "topk":
-        return min(1.0, r.top_k / num_experts)
-    return 0.5
-
-
-def decide(spec: Spec, ranks: list[int], dtype: torch.dtype, device: torch.device, d_in: int, d_out: int,
-           form: str = "auto") -> tuple[str, str, str]:
-    """(form, reason code, reason) for one lowerable LoRA site: "dense" or "grouped", chosen by the
-    cost model (``form="auto"``) or forced."""
-    rate = _expected_rate(spec, len(ranks))
-    chosen, code = form, "forced"
-    if form == "auto":
-        chosen = choose_form(ranks, NOMINAL_TOKENS, rate, dtype, device, d_in=d_in, d_out=d_out)
-        code = "cost_model"
-    reason = (f"{REASONS[code]}: E={len(ranks)}, ranks={list(ranks)}, expected activation {rate:.2f} at "
-              f"{NOMINAL_TOKENS} tokens, {str(dtype).replace('torch.', '')}, {device.type}")
-    return chosen, code, reason
-
-
-def plan_lowering(gm, plan: SitePlan, spec: Spec, form: str = "auto") -> dict[str, dict[str, str]]:
-    """What :func:`lower_sparse_dispatch` will do at every LoRA site of ``plan``, without rewriting
-    (what ``moa-fx sites`` prints)."""
-    out: dict[str, dict[str, str]] = {}
-    for p in plan.placements:
-        if not isinstance(p.rule, LoraExpert):
-            continue
-        weight = gm.get_parameter(p.site.weight)
-        chosen, _, reason = decide(spec, list(p.rule.ranks), weight.dtype, weight.device, p.site.d_in,
-                                   p.site.d_out, form)
-        if p.rule.dropout > 0 and not p.rule.share_a:  # HydraLoRA's heads read x already dropped: no dropout here
-            reason = dropout_reason([float(p.rule.dropout)] * len(p.rule.ranks), reason)
-        out[p.site.path] = {"form": chosen, "reason": reason}
-    return out
 
 
 # --- the driver ---------------------------------------------------------------------------------------

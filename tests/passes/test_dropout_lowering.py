@@ -20,7 +20,7 @@ from moa_fx.kernels.dropout_mask import explicit_masks
 from moa_fx.graph import site_of
 from moa_fx.kinds.lora import DropoutSeeds, LoraDelta
 from moa_fx.ops import dropout_lora_site, expand_dropout_lora_site, lowered_lora_site, seed_at
-from moa_fx.passes.lower_sparse_dispatch import plan_lowering
+from moa_fx.passes.lowering_form import plan_lowering
 from tiny import randomize_adapters, tiny_model, tokens
 
 P = 0.3  # larger than AdaMoLE's 0.05 so that a wrong mask moves the output well past rounding
