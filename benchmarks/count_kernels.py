@@ -1,0 +1,98 @@
+"""Distinct Inductor kernels of one compiled training step (forward + backward): what a first compile
+costs, counted instead of timed (PERF.md: a count does not depend on what else the machine runs).
+
+Each variant runs in a fresh subprocess with an empty Inductor cache directory (FX-graph and
+autograd caches off, as for every cold compile here); after one compiled step, the kernels Inductor
+compiled are its C++ (CPU) or Triton (CUDA) sources written to that directory, one file per distinct
+source. The count is those files; the per-kernel names tell which graph pieces became kernels.
+
+Variants: ``floor`` (the base model's step, as bench_step's ``floor.compiled``) and
+``<method>`` (``transform(base, method)`` lowered, then torch.compile; its train step).
+
+    python benchmarks/count_kernels.py --layers 2 --methods adamole sparse_moa \
+        --json benchmarks/results/kernels_cpu_2l.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+def kernel_files(cache: pathlib.Path, device: str) -> list[pathlib.Path]:
+    """The kernel sources Inductor wrote under ``cache``: CPU ``.cpp`` files but for its instruction-set
+    probes (``*_chk_kernel``); on CUDA the ``.py`` files holding a ``@triton.jit`` kernel (not the
+    graphs' Python wrappers)."""
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    if device == "cpu":
+        return sorted(p for p in files if p.suffix == ".cpp" and "_chk_kernel" not in p.read_text(errors="replace"))
+    return sorted(p for p in files if p.suffix == ".py" and "@triton.jit" in p.read_text(errors="replace"))
+
+
+def run_one(args, variant: str) -> dict:
+    """One variant in this process: build, compile, one train step, count."""
+    import torch
+
+    device = common.setup_process(args.threads)
+    cache = pathlib.Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    shape = common.default_shape(device, args.layers, args.batch, args.seq)
+    base = common.build_base(shape, device, seed=0)
+    ids = common.make_inputs(shape, device)
+    if variant == "floor":
+        compiled = torch.compile(base, dynamic=False)
+        step = common.floor_step(base, ids)
+        run = lambda: step(compiled)  # noqa: E731
+    else:
+        moa, _ = common.make_moa(base, variant, "auto")
+        moa.train()
+        params = [p for p in moa.parameters() if p.requires_grad]
+        run = common.train_step(torch.compile(moa, dynamic=False), ids, params)
+    t0 = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - t0
+    files = kernel_files(cache, device)
+    return {"variant": variant, "kernels": len(files), "first_step_s": round(seconds, 1),
+            "shape": shape.describe(), "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="*", default=["adamole"])
+    p.add_argument("--json", default=None, help="write the results here (atomically)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args, args.one)))
+        return {}
+    rows = []
+    for variant in ["floor", *args.methods]:
+        cmd = [sys.executable, __file__, "--one", variant, "--layers", str(args.layers), "--batch", str(args.batch),
+               "--seq", str(args.seq), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{variant:12s} {rows[-1]['kernels']:4d} kernels  (first step {rows[-1]['first_step_s']} s)", flush=True)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    payload = {"rows": rows, "env": common.env_info(device), "command": " ".join(sys.argv)}
+    common.write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
