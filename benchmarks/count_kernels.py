@@ -4,7 +4,9 @@ costs, counted instead of timed (PERF.md: a count does not depend on what else t
 Each variant runs in a fresh subprocess with an empty Inductor cache directory (FX-graph and
 autograd caches off, as for every cold compile here); after one compiled step, the kernels Inductor
 compiled are its C++ (CPU) or Triton (CUDA) sources written to that directory, one file per distinct
-source. The count is those files; the per-kernel names tell which graph pieces became kernels.
+source. The count is those files. Each row also has the first step's seconds (compile + one step: a
+time, so only with nothing else running) and the compile phases over 0.5 s that
+``torch._dynamo.utils.compile_times`` records.
 
 Variants: ``floor`` (the base model's step, as bench_step's ``floor.compiled``) and
 ``<method>`` (``transform(base, method)`` lowered, then torch.compile; its train step).
@@ -60,7 +62,11 @@ def run_one(args, variant: str) -> dict:
     run()
     seconds = time.perf_counter() - t0
     files = kernel_files(cache, device)
-    return {"variant": variant, "kernels": len(files), "first_step_s": round(seconds, 1),
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    phases = {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= 0.5}
+    return {"variant": variant, "kernels": len(files), "first_step_s": round(seconds, 1), "phases_s": phases,
             "shape": shape.describe(), "threads": torch.get_num_threads()}
 
 

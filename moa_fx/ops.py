@@ -23,12 +23,10 @@ and each reader rebuilt on its piece: :func:`expand_lora_site` (``moa_fx::lora_e
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from .kernels import concat, dropout_lora, grouped_lora, lora_expand, lora_mixture
+from .kernels import dropout_lora, grouped_lora, lora_expand, lora_mixture
 
 __all__ = ["prompt_projection", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
            "dropout_lora_site", "seed_at", "shared_input_projection", "expand_lora_site", "expand_dropout_lora_site", "lora_from_projection", "router_from_projection",
@@ -133,8 +131,8 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
     y2 = y.reshape(-1, y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     weights = site_weights(w, cols, x2, len(ranks))
-    a_cat = concat(a_list, 0, dtype)
-    b_cat = concat(b_list, 1, dtype)
+    a_cat = torch.cat([a.to(dtype) for a in a_list], dim=0)
+    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
     op = grouped_lora if form == "grouped" else lora_mixture
     return op(y2, x2, a_cat, b_cat, weights.to(dtype), ranks, scales).reshape(out_shape)
 
@@ -160,8 +158,8 @@ def _dropout_site(y, z, x, w, a_list, b_list, ranks, scales, cols, ps, seed):
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     z2 = None if z is None else z.reshape(-1, z.shape[-1])
     weights = site_weights(w, cols, x2, len(ranks))
-    a_cat = concat(a_list, 0, dtype)
-    b_cat = concat(b_list, 1, dtype)
+    a_cat = torch.cat([a.to(dtype) for a in a_list], dim=0)
+    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
     out = dropout_lora(y.reshape(-1, y.shape[-1]), x2, a_cat, b_cat, weights.to(dtype), seed, ranks, scales, ps, z=z2)
     return out.reshape(y.shape)
 
@@ -180,8 +178,7 @@ def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, nu
 
 def shared_input_projection(x: torch.Tensor, weights: list[torch.Tensor], sizes: list[int]) -> tuple:
     """``split(x · cat(weights)ᵀ, sizes)``: every reader's projection of x from one GEMM."""
-    dtype = functools.reduce(torch.promote_types, [w.dtype for w in weights])  # as torch.cat promotes
-    return tuple(torch.split(F.linear(x, concat(weights, 0, dtype)), sizes, dim=-1))
+    return tuple(torch.split(F.linear(x, torch.cat(weights, dim=0)), sizes, dim=-1))
 
 
 def expand_lora_site(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None, b_list: list[torch.Tensor],
@@ -192,7 +189,7 @@ def expand_lora_site(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None, b
     y2 = y.reshape(-1, y.shape[-1])
     z2 = z.reshape(-1, z.shape[-1])
     weights = site_weights(w, cols, z2, len(ranks))
-    b_cat = concat(b_list, 1, dtype)
+    b_cat = torch.cat([b.to(dtype) for b in b_list], dim=1)
     return lora_expand(y2, z2, b_cat, weights.to(dtype), ranks, scales).reshape(y.shape)
 
 

@@ -10,8 +10,6 @@
 - :func:`grouped_lora` (``moa_fx::grouped_lora``): same result, computed only at active
   (token, expert) pairs sorted by expert. ``grouped_lora.py``.
 - :func:`choose_form`: which of the two a site should use. ``cost.py``.
-- :func:`concat` (``moa_fx::concat``): a site's expert weights as one matrix per step, opaque to
-  Inductor (no per-layer kernels in the first compile). ``concat.py``.
 - Pure-torch references and the column-gate helper: ``reference.py``.
 - The Triton backward of all three (dX or dZ, dA_cat, dB_cat, d weights): ``lora_backward.py``;
   what every launcher and custom op shares (backend, checks, launch prologue): ``launch.py``.
@@ -21,7 +19,6 @@ CUDA runs Triton kernels, forward and backward; CPU runs the references. Force a
 tensors runs the kernels in Triton's interpreter (tests only: slow).
 """
 
-from moa_fx.kernels.concat import concat
 from moa_fx.kernels.cost import choose_form
 from moa_fx.kernels.dropout_lora import dropout_lora, dropout_lora_reference
 from moa_fx.kernels.grouped_lora import grouped_lora
@@ -37,7 +34,6 @@ __all__ = [
     "dropout_lora",
     "dropout_lora_reference",
     "choose_form",
-    "concat",
     "lora_mixture_reference",
     "lora_expand_reference",
     "grouped_lora_reference",
