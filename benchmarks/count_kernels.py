@@ -1,10 +1,12 @@
-"""Distinct Inductor kernels of one compiled training step (forward + backward): what a first compile
-costs, counted instead of timed (PERF.md: a count does not depend on what else the machine runs).
+"""What the first compile of one training step (forward + backward) costs: its distinct Inductor
+kernels and ATen nodes, counted (a count does not depend on what else the machine runs), and its
+time by phase.
 
 Each variant runs in a fresh subprocess with an empty Inductor cache directory (FX-graph and
 autograd caches off, as for every cold compile here); after one compiled step, the kernels Inductor
 compiled are its C++ (CPU) or Triton (CUDA) sources written to that directory, one file per distinct
-source. The count is those files. Each row also has the first step's seconds (compile + one step: a
+source. The count is those files. Each row also has the ATen ops of the forward and backward graphs
+(counted in a second, uncompiled pass), and the first step's seconds (compile + one step: a
 time, so only with nothing else running) and the compile phases over 0.5 s that
 ``torch._dynamo.utils.compile_times`` records.
 
@@ -40,8 +42,41 @@ def kernel_files(cache: pathlib.Path, device: str) -> list[pathlib.Path]:
     return sorted(p for p in files if p.suffix == ".py" and "@triton.jit" in p.read_text(errors="replace"))
 
 
+def _step(variant: str, base, ids, backend):
+    """The variant's training step, its model compiled with ``backend``."""
+    import torch
+
+    if variant == "floor":
+        compiled = torch.compile(base, backend=backend, dynamic=False)
+        step = common.floor_step(base, ids)
+        return lambda: step(compiled)
+    moa, _ = common.make_moa(base, variant, "auto")
+    moa.train()
+    params = [p for p in moa.parameters() if p.requires_grad]
+    return common.train_step(torch.compile(moa, backend=backend, dynamic=False), ids, params)
+
+
+def aten_nodes(variant: str, base, ids) -> dict[str, int]:
+    """The ATen ops (``call_function`` nodes) of the forward and backward graphs AOTAutograd hands a
+    compiler, counted through a backend that runs them eagerly (no Inductor)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts = {"forward": 0, "backward": 0}
+
+    def counting(name):
+        def compiler(gm, _inputs):
+            counts[name] += sum(1 for n in gm.graph.nodes if n.op == "call_function")
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    _step(variant, base, ids, aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward")))()
+    return counts
+
+
 def run_one(args, variant: str) -> dict:
-    """One variant in this process: build, compile, one train step, count."""
+    """One variant in this process: build, compile, one train step, count (then the ATen nodes, with
+    dynamo reset, so that the timed compile was the first)."""
     import torch
 
     device = common.setup_process(args.threads)
@@ -49,15 +84,7 @@ def run_one(args, variant: str) -> dict:
     shape = common.default_shape(device, args.layers, args.batch, args.seq)
     base = common.build_base(shape, device, seed=0)
     ids = common.make_inputs(shape, device)
-    if variant == "floor":
-        compiled = torch.compile(base, dynamic=False)
-        step = common.floor_step(base, ids)
-        run = lambda: step(compiled)  # noqa: E731
-    else:
-        moa, _ = common.make_moa(base, variant, "auto")
-        moa.train()
-        params = [p for p in moa.parameters() if p.requires_grad]
-        run = common.train_step(torch.compile(moa, dynamic=False), ids, params)
+    run = _step(variant, base, ids, "inductor")
     t0 = time.perf_counter()
     run()
     seconds = time.perf_counter() - t0
@@ -66,8 +93,10 @@ def run_one(args, variant: str) -> dict:
 
     names, values = compile_times(repr="csv", aggregate=True)
     phases = {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= 0.5}
+    torch._dynamo.reset()
     return {"variant": variant, "kernels": len(files), "first_step_s": round(seconds, 1), "phases_s": phases,
-            "shape": shape.describe(), "threads": torch.get_num_threads()}
+            "aten_nodes": aten_nodes(variant, base, ids), "shape": shape.describe(),
+            "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         if out.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{variant:12s} {rows[-1]['kernels']:4d} kernels  (first step {rows[-1]['first_step_s']} s)", flush=True)
+        r = rows[-1]
+        print(f"{variant:12s} {r['kernels']:4d} kernels  {sum(r['aten_nodes'].values()):5d} ATen nodes  "
+              f"(first step {r['first_step_s']} s)", flush=True)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
