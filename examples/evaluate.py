@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0; 0 = none)")
     parser.add_argument("--eval-examples", type=int, default=None, help="scored examples per task (default 200)")
     parser.add_argument("--curve-every", type=int, default=None, help="validation score every N steps (0: none)")
+    parser.add_argument("--save-every", type=int, default=None,
+                        help="save each run's state every N steps, so a run cut off resumes there (default 100; 0: never)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the cores really free)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once, each a fresh process with --threads threads (default 1)")
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("max_grad_norm", args.max_grad_norm), ("eval_examples", args.eval_examples),
                        ("curve_every", args.curve_every), ("threads", args.threads), ("device", args.device),
                        ("precision", args.precision), ("split", args.split),
-                       ("mixture_budget", args.mixture_budget), ("workers", args.workers)):
+                       ("mixture_budget", args.mixture_budget), ("workers", args.workers),
+                       ("save_every", args.save_every)):
         if value is not None:
             overrides[key] = value
     if args.seeds is not None:

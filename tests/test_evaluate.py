@@ -320,3 +320,41 @@ def test_real_assets_smoke(tmp_path):
     assert run["trainable"] == 2_851_890  # the preset on SmolLM2's 30 layers
     assert sorted(int(k) for k in run["active"]["per_layer"]) == list(range(30))
     assert results["zero_shot"]["hyperbaton"]["scored"] == 32
+
+
+def test_a_run_cut_off_resumes_at_its_last_saved_step_with_the_same_result(tmp_path, monkeypatch):
+    cfg = ev.quick_config(methods=("adamole",), settings=("parity",), **{**SMALL, "steps": 5, "save_every": 2})
+    for d in ("whole", "cut", "again"):
+        (tmp_path / d).mkdir()
+    whole = ev.run_evaluation(cfg, tmp_path / "whole" / "results.json", progress=False)["runs"][0]
+    out = tmp_path / "cut" / "results.json"
+    real_save, saved_steps = ev.save_partial, []
+
+    def save_then_die(path, key, step, *args):
+        real_save(path, key, step, *args)
+        saved_steps.append(step)
+        if step == 4:
+            raise KeyboardInterrupt  # the session's end, after the state at step 4 was written
+
+    monkeypatch.setattr(ev, "save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_evaluation(cfg, out, progress=False)
+    assert saved_steps == [2, 4]
+    state = ev.partial_path(out, whole)
+    assert state.exists()
+    fits = []
+    real_fit = ev.fit
+    monkeypatch.setattr(ev, "fit", lambda *a, **k: fits.append((k["start"], k["stop"])) or real_fit(*a, **k))
+    resumed = ev.run_evaluation(cfg, out, progress=False)["runs"][0]
+    assert fits == [(4, 5)]  # only the step after the saved one
+    for field in ("losses", "accuracy", "correct", "active", "loss_last10"):
+        assert resumed[field] == whole[field], field
+    assert not state.exists()  # recorded: its state is removed
+    # a state saved under other settings is not resumed
+    monkeypatch.setattr(ev, "save_partial", save_then_die)
+    other = ev.quick_config(methods=("adamole",), settings=("parity",), **{**SMALL, "steps": 5, "save_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_evaluation(other, tmp_path / "again" / "results.json", progress=False)
+    torch_state = ev.partial_path(tmp_path / "again" / "results.json", whole)
+    assert ev.load_partial(torch_state, {"other": 1}, None, None, lambda m: fits.append(m)) == (0, {})
+    assert "saved under other settings" in fits[-1]

@@ -30,7 +30,9 @@ clipped to ``max_grad_norm``), the LM head applied only at the answer positions
 Every ``curve_every`` steps the first ``curve_examples`` validation examples are scored (the learning
 curve; never the test split). A mixture setting trains on a shuffled mix of equal shares of its tasks'
 training splits and reports the macro mean of its tasks' accuracies. Every run stores which scored
-examples it got right, for the paired bootstrap.
+examples it got right, for the paired bootstrap. Every ``save_every`` steps a run's state is saved
+beside the results file (:mod:`moa_fx.eval.partial`), so a run cut off resumes at that step with the
+result an uninterrupted run gets.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from moa_fx.data import Batch
 from moa_fx.errors import InputError
 from moa_fx.eval import protocol
 from moa_fx.eval import tasks as T
+from moa_fx.eval.partial import load_partial, partial_path, save_partial
 from moa_fx.fileio import atomic_write_json
 from moa_fx.spec import LoraExpert, Spec, presets
 from moa_fx.train import AnswerOnlyLoss, Schedule, StepReport, fit, make_optimizer
@@ -155,6 +158,7 @@ class EvalConfig:
     data: str = "bigbench"  # "bigbench" (the real asset) or "synthetic" (quick version)
     device: str = "auto"  # "auto": CUDA when available, else CPU
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    save_every: int = 100  # save a run's state every this many steps, to resume a cut-off run there (0: never)
 
     # the fields a run's result depends on besides its (method, setting, seed, lr): a results file holds one
     RUN_FIELDS = ("steps", "batch_size", "warmup", "mixture_budget", "max_grad_norm", "max_prompt_tokens",
@@ -179,8 +183,9 @@ class EvalConfig:
         if self.workers > 1 and not self.isolate:
             raise InputError(f"workers = {self.workers} runs each job in its own process; it needs isolate "
                              "(drop --no-isolate, or give --workers 1)")
-        if self.curve_every < 0:
-            raise InputError(f"curve_every = {self.curve_every} must be >= 0 (0: no learning curve)")
+        if self.curve_every < 0 or self.save_every < 0:
+            raise InputError(f"curve_every = {self.curve_every} and save_every = {self.save_every} must be >= 0 "
+                             "(0: no learning curve; never save a run's state)")
         if not all(x > 0 for x in (self.lr, *self.lrs.values(), *self.sweep_lrs)):
             raise InputError("every learning rate must be > 0")
         if not self.max_grad_norm >= 0:
@@ -467,7 +472,7 @@ def active_experts_per_layer(moa, tokenizer, examples: Sequence[T.Example], max_
 
 
 def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], tasks: dict[str, _Task],
-                     device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+                     device: torch.device, log: Callable[[str], None], partial: str | None = None) -> dict[str, Any]:
     from moa_fx import transform
 
     method, setting, seed, lr = job["method"], job["setting"], job["seed"], job["lr"]
@@ -486,7 +491,10 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
     optimizer = make_optimizer(moa, lr)
     moa.train()
     schedule = Schedule(steps=steps, lr=lr, warmup=cfg.run_warmup(steps), max_grad_norm=cfg.max_grad_norm)
-    curve: list[dict[str, Any]] = []
+    key = {**job, **{f: getattr(cfg, f) for f in cfg.RUN_FIELDS}}
+    path = pathlib.Path(partial) if partial else None
+    start, done = load_partial(path, key, moa.adapters, optimizer, log) if path else (0, {})
+    curve: list[dict[str, Any]] = done.get("curve", [])
 
     def batch_at(step: int) -> Batch:
         rows = stream[(step - 1) * cfg.batch_size: step * cfg.batch_size]
@@ -502,9 +510,18 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
                           "mean": sum(point.values()) / len(point) if point else None})
 
     t_train = time.perf_counter()
-    reports = fit(AnswerOnlyLoss(moa), optimizer, schedule, batch_at, autocast=autocast, on_step=on_step)
-    train_s = time.perf_counter() - t_train
-    losses, step_times = [r.loss for r in reports], [r.seconds for r in reports]
+    losses, step_times = done.get("losses", []), done.get("step_times", [])
+    every = cfg.save_every if path else steps
+    for first in range(start, steps, every or steps):  # in pieces of save_every steps, the state saved after each
+        stop = min(steps, first + (every or steps))
+        reports = fit(AnswerOnlyLoss(moa), optimizer, schedule, batch_at, start=first, stop=stop, autocast=autocast,
+                      on_step=on_step)
+        losses, step_times = losses + [r.loss for r in reports], step_times + [r.seconds for r in reports]
+        if path and every and stop < steps:
+            save_partial(path, key, stop, moa.adapters, optimizer,
+                         {"losses": losses, "step_times": step_times, "curve": curve,
+                          "train_s": done.get("train_s", 0.0) + time.perf_counter() - t_train})
+    train_s = done.get("train_s", 0.0) + time.perf_counter() - t_train
     t_eval = time.perf_counter()
     accuracy, correct, first_choice = {}, {}, {}
     for name in names:
@@ -565,7 +582,7 @@ def _job(cfg_dict: dict, job: dict) -> dict[str, Any]:
         return _zero_shot(cfg, base, tokenizer, _tasks(cfg, tokenizer, job["tasks"]), device)
     run = {k: job[k] for k in ("method", "setting", "seed", "lr")}
     out = _train_and_score(cfg, base, tokenizer, run, _tasks(cfg, tokenizer, parse_setting(job["setting"])),
-                           device, log)
+                           device, log, job.get("partial"))
     out["isolated"] = cfg.isolate
     return out
 
@@ -648,10 +665,13 @@ def run_evaluation(cfg: EvalConfig, out: str | os.PathLike, *, log_path: str | N
                        f"{result['step_time_median_s']:.2f} s/step")
         results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(out, results)
+        if job["kind"] != "zero_shot":  # recorded: its saved state is no longer needed
+            partial_path(out, job).unlink(missing_ok=True)
         bar.advance(f"{_describe(job)}: {summary}")
 
     def payload(job: dict) -> dict:
-        return {**job, "log": log_path, "echo": not progress}
+        state = {"partial": str(partial_path(out, job))} if job["kind"] != "zero_shot" else {}
+        return {**job, **state, "log": log_path, "echo": not progress}
 
     with bar:
         if cfg.workers > 1:
