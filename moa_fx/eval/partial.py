@@ -12,12 +12,14 @@ results file's writer removes it once the run is recorded.
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 from typing import Any
 
 import torch
 
+from moa_fx.errors import InputError
 from moa_fx.fileio import atomic_write
 
 __all__ = ["partial_path", "save_partial", "load_partial"]
@@ -26,7 +28,10 @@ __all__ = ["partial_path", "save_partial", "load_partial"]
 def partial_path(results: pathlib.Path, job: dict[str, Any]) -> pathlib.Path:
     """Where run ``job`` (method, setting, seed, lr) keeps its state beside the results file."""
     name = f"{job['method']}__{job['setting']}__seed{job['seed']}__lr{job['lr']:g}"
-    return results.parent / f"{results.stem}.partial" / (re.sub(r"[^A-Za-z0-9_.+=-]", "-", name) + ".pt")
+    # readable but bounded (a mixture's setting names every task), and unique: the hash of the exact name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)[:120]
+    return results.parent / f"{results.stem}.partial" / f"{readable}__{digest}.pt"
 
 
 def save_partial(path: pathlib.Path, key: dict[str, Any], step: int, adapters: torch.nn.Module,
@@ -53,8 +58,12 @@ def load_partial(path: pathlib.Path, key: dict[str, Any], adapters: torch.nn.Mod
     if state.get("key") != key:
         log(f"  {path.name}: saved under other settings; starting this run over")
         return 0, {}
-    adapters.load_state_dict(state["adapters"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:  # the same key but another library version's adapters or optimizer layout
+        adapters.load_state_dict(state["adapters"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:  # the adapters may be half-loaded now: stop the run
+        raise InputError(f"{path} does not fit this run's adapters or optimizer ({type(err).__name__}: "
+                         f"{str(err)[:200]}); delete it to start this run over") from None
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
