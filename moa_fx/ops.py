@@ -5,8 +5,7 @@ dispatch: unselected experts get weight 0), so a transformed model compiles with
 the fused LoRA functions hand data-dependent work to the custom ops of :mod:`moa_fx.kernels`.
 Equations: METHODS.md.
 
-Routing (``insert_routers``), from :mod:`moa_fx.kernels.routing`:
-- :func:`routing`: one router's ``(w, stats, aux)`` in one call (``moa_fx::route`` under compile).
+Routing (``insert_routers``):
 - :func:`route`: logits (and τ) → ``(w, sel, q, g)``: weights, selection, balance quantity, gate.
 - :func:`balance_loss`: ``E · Σ_e f_e · P_e`` with ``f_e = mean_t sel`` and ``P_e = mean_t q``.
 - :func:`router_stats`: one vector per router: ``[act_rate(E), gate_mean(E), tau_mean]``.
@@ -28,14 +27,69 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import dropout_lora, grouped_lora, lora_expand, lora_mixture
-from .kernels.routing import balance_loss, route, router_stats, routing
 
-__all__ = ["prompt_projection", "routing", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
+__all__ = ["prompt_projection", "route", "balance_loss", "router_stats", "mix", "mix_heads", "lowered_lora_site", "site_weights",
            "dropout_lora_site", "seed_at", "shared_input_projection", "expand_lora_site", "expand_dropout_lora_site", "lora_from_projection", "router_from_projection",
            "threshold_from_projection"]
 
 
 # --- routing ----------------------------------------------------------------------------------------
+
+
+def route(logits: torch.Tensor, tau: torch.Tensor | None, gate: str, select: str, top_k: int,
+          threshold: float, rule: str, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn router logits into per-token expert weights.
+
+    Returns ``(w, sel, q, g)``: weights (zero where unselected), the hard 0/1 selection, the
+    quantity averaged in the balance loss (``a = p − τ`` for a learned AdaMoLE threshold, else the
+    gate ``g``), and the gate itself. ``tau`` is the learned threshold (…, 1) or ``None``.
+    """
+    if gate == "softmax":
+        g = torch.softmax(logits.float(), dim=-1)  # softmax in fp32 (METHODS.md)
+    else:
+        g = torch.sigmoid(logits)  # MoA: sigmoid in the activation dtype
+    q = g
+    if select == "dense":
+        sel = torch.ones_like(g)
+        w = g
+    elif select == "topk":
+        idx = torch.topk(g, top_k, dim=-1).indices
+        sel = torch.zeros_like(g).scatter(-1, idx, 1.0)
+        w = g * sel
+    else:
+        t = tau if tau is not None else torch.full_like(g[..., :1], threshold)
+        a = g - t.to(g.dtype)
+        sel = (a >= 0).to(g.dtype)  # hard indicator, no gradient
+        if tau is not None and rule == "adamole":
+            w = a * sel
+            q = a  # AdaMoLE's balance loss averages the unmasked a
+        else:
+            w = g * sel  # MoA's rule: τ only selects (it receives no gradient)
+    if renormalize and select != "dense":
+        total = w.sum(dim=-1, keepdim=True)
+        w = w / torch.where(total == 0, torch.ones_like(total), total)  # a zero sum is replaced by 1
+    return w, sel, q, g
+
+
+def balance_loss(sel: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Switch-style load balance ``E · Σ_e f_e·P_e`` over every token (padding included)."""
+    num_experts = sel.shape[-1]
+    f = sel.reshape(-1, num_experts).float().mean(dim=0)
+    p = q.reshape(-1, num_experts).float().mean(dim=0)
+    return num_experts * (f * p).sum()
+
+
+def router_stats(g: torch.Tensor, sel: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """``[activation rate per expert (E), gate mean per expert (E), mean τ (1, NaN without τ)]``."""
+    num_experts = sel.shape[-1]
+    with torch.no_grad():
+        rate = sel.detach().reshape(-1, num_experts).float().mean(dim=0)
+        gmean = g.detach().reshape(-1, num_experts).float().mean(dim=0)
+        if tau is None:
+            t = torch.full((1,), float("nan"), device=g.device)
+        else:
+            t = tau.detach().float().mean().reshape(1)
+    return torch.cat([rate, gmean, t])
 
 
 def _column(w: torch.Tensor, col: int, like: torch.Tensor) -> torch.Tensor:

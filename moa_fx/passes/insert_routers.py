@@ -3,9 +3,8 @@
 Matches: the :class:`ExpertSlot` s left by the expert-insertion passes, grouped by router key
 (a site path for per-projection routers, a block path for block routers, '' for no router).
 Emits, per router: ``logits = router(h)`` (``call_module``), ``τ = threshold(h)`` when the
-threshold is learned, ``w, stats, aux = routing(logits, τ, …)`` (``call_function`` + getitems: the
-weights, the ``router_stats`` vector and, with an aux coefficient, the ``balance_loss``; one custom op
-under compile, :mod:`moa_fx.kernels.routing`).
+threshold is learned, ``w, sel, q, g = route(logits, τ, …)`` (``call_function`` + getitems),
+``stats = router_stats(g, sel, τ)`` and, with an aux coefficient, ``aux = balance_loss(sel, q)``.
 Per anchor: ``y' = mix(y, w, [Δ…], [columns…])`` (``mix_heads`` for attention outputs), and every
 later use of y reads y'. Columns are looked up by expert id, never by position in a list; their order
 (:func:`column_order`) is METHODS.md's gate order, [up, gate] included. The called functions are in
@@ -94,15 +93,15 @@ def _insert_router(ctx: PassContext, key: str, slots) -> RouterInfo:
             tau_max = spec.threshold.max if spec.threshold.max is not None else 1.0 / num
             tau = make("call_module", ctx.install(f"{key}.threshold", lambda: Threshold(
                 dim, tau_max, device=device, dtype=dtype)), (h,), "threshold", shaped_like(h, 1))
-        aux_on = spec.aux_loss_coef > 0
-        routed = make("call_function", ops.routing,
+        routed = make("call_function", ops.route,
                       (logits, tau, spec.gate, spec.select, spec.top_k, float(spec.threshold.value),
-                       spec.threshold.rule, spec.renormalizes, aux_on), "selection", None)
-        w = make("call_function", operator.getitem, (routed, 0), "weights", None)
-        stats = make("call_function", operator.getitem, (routed, 1), "router stats",
+                       spec.threshold.rule, spec.renormalizes), "selection", None)
+        w, sel, q, g = (make("call_function", operator.getitem, (routed, i), name, None)
+                        for i, name in enumerate(("weights", "selected", "balance q", "gates")))
+        stats = make("call_function", ops.router_stats, (g, sel, tau), "router stats",
                      shaped_like(logits, shape=(2 * num + 1,), dtype=torch.float32))
-        aux = make("call_function", operator.getitem, (routed, 2), "balance loss",
-                   shaped_like(logits, shape=(), dtype=torch.float32)) if aux_on else None
+        aux = make("call_function", ops.balance_loss, (sel, q), "balance loss",
+                   shaped_like(logits, shape=(), dtype=torch.float32)) if spec.aux_loss_coef > 0 else None
     ctx.records.append(PassRecord(PASS, key, added, f"{spec.form} router over {num} experts, {spec.gate} gate, "
                                                     f"{spec.select} selection", experts=num))
     info = RouterInfo(key=key, expert_ids=ids, logits=logits.name, tau=tau.name if tau is not None else None,
