@@ -2,7 +2,7 @@
 # Every GPU row of PERF.md on the current library, in one call of the device tool (issue 20):
 #   run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
 # Each part has its own time limit and writes its JSON and log under $OUT (or ./gpu-out), so a part
-# that runs out of time costs only itself. Budget (H200, measured parts add up to about 8 minutes):
+# that runs out of time costs only itself. Budget (H200, estimated, not yet run: about 8 minutes):
 #   1. the CUDA kernel tests (Triton forward and backward against the torch references)   ~1.5 min
 #   2. the fused ops alone: bandwidth at 1k-16k tokens, forward and backward               ~1 min
 #   3. the training step, eager: floor, PEFT, per-expert loop, moa-fx unlowered / lowered   ~2 min
