@@ -234,8 +234,9 @@ def transform_supports_lower() -> bool:
     return "lower" in inspect.signature(transform).parameters
 
 
-def make_moa(model, spec, lower: str | None, fuse: bool = True):
-    """``transform(model, spec, lower=..., fuse=...)``; ``lower=None`` asks for the unlowered graph.
+def make_moa(model, spec, lower: str | None, fuse: bool = True, regions: bool = True):
+    """``transform(model, spec, lower=..., fuse=...)``; ``lower=None`` asks for the unlowered graph;
+    ``regions=False``: ``compile_regions=False`` (one flat graph, as before the library had it).
 
     Returns (moa, note). Raises TypeError (from ``transform``) when ``lower`` is asked for but the
     library does not have the keyword yet.
@@ -246,6 +247,9 @@ def make_moa(model, spec, lower: str | None, fuse: bool = True):
 
     kwargs = {"fuse": fuse} if "fuse" in inspect.signature(transform).parameters else {}
     note = "" if kwargs else "; no fusion pass in this version"
+    if not regions:
+        kwargs["compile_regions"] = False
+        note += "; compile_regions=False"
     if not fuse:
         note += "; fuse=False"
     if lower is None:

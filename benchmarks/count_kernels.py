@@ -11,7 +11,8 @@ time, so only with nothing else running) and the compile phases over 0.5 s that
 ``torch._dynamo.utils.compile_times`` records.
 
 Variants: ``floor`` (the base model's step, as bench_step's ``floor.compiled``) and
-``<method>`` (``transform(base, method)`` lowered, then torch.compile; its train step).
+``<method>`` (``transform(base, method)`` lowered, then torch.compile; its train step: each decoder
+block a compile region, compiled once) and ``<method>.flat`` (``compile_regions=False``: one flat graph).
 
     python benchmarks/count_kernels.py --layers 2 --methods adamole sparse_moa \
         --json benchmarks/results/kernels_cpu_2l.json
@@ -50,7 +51,8 @@ def _step(variant: str, base, ids, backend):
         compiled = torch.compile(base, backend=backend, dynamic=False)
         step = common.floor_step(base, ids)
         return lambda: step(compiled)
-    moa, _ = common.make_moa(base, variant, "auto")
+    method, _, flat = variant.partition(".")  # "<method>.flat": compile_regions=False
+    moa, _ = common.make_moa(base, method, "auto", regions=flat != "flat")
     moa.train()
     params = [p for p in moa.parameters() if p.requires_grad]
     return common.train_step(torch.compile(moa, backend=backend, dynamic=False), ids, params)

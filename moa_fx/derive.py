@@ -22,6 +22,9 @@ cached, last logits           :func:`keep_last_logits` of the cached graph (a re
 forward, causal               :func:`causal_attention` of the forward graph, for calls without an
                               attention mask (a rewrite: SDPA ``is_causal=True`` instead of the
                               causal mask materialised from the all-ones mask input)
+forward, regions              :func:`compile_regions` of any forward graph but the checkpointing
+                              one: what a forward call runs (the others are for inspection); each
+                              decoder block one shared submodule called as a nested compile region
 ============================  ===================================================================
 
 Moving the model to another device or dtype drops every graph: the next one is captured for the
@@ -47,13 +50,15 @@ from torch import nn
 
 from .capture import Captured, capture
 from .errors import MoaFxError, PassError
+from .ops import seed_at
 from .graph import CACHE_KEY, EXTRAS_KEY, PROVENANCE_KEY, module_paths
 from .passes import PassContext, pipeline, run_pipeline
 from .sites import find_sites
 from .spec import Spec
 
 __all__ = ["GraphKey", "Derived", "DeriveOptions", "derive_by_capture", "strip_dropout", "checkpoint_blocks",
-           "keep_last_logits", "keep_hidden", "causal_attention", "has_dropout", "has_mode_ops", "PURPOSES"]
+           "keep_last_logits", "keep_hidden", "causal_attention", "compile_regions", "has_dropout", "has_mode_ops",
+           "PURPOSES"]
 
 PURPOSES = ("forward", "cached")
 aten = torch.ops.aten
@@ -75,12 +80,13 @@ class GraphKey(NamedTuple):
     backbone: bool = False  # returns the LM head's input (the last hidden state) instead of the logits
     packed: bool = False  # input_ids and position_ids, no mask: rows packed from several sequences (a capture)
     causal: bool = False  # called without an attention mask: SDPA is_causal instead of the mask (a rewrite)
+    regions: bool = False  # decoder blocks called as shared compile regions (a rewrite: compile_regions)
 
     def __str__(self) -> str:
         parts = [self.purpose, "train" if self.dropout else "eval"]
         parts += ["checkpointing"] * self.checkpointing + ["last logits"] * self.last_logits
         parts += ["inputs_embeds"] * self.embeds + ["hidden states"] * self.hidden + ["backbone"] * self.backbone
-        parts += ["packed"] * self.packed + ["causal"] * self.causal
+        parts += ["packed"] * self.packed + ["causal"] * self.causal + ["regions"] * self.regions
         return "/".join(parts)
 
 
@@ -93,6 +99,7 @@ class DeriveOptions:
     lower: str = "auto"
     fuse: bool = True
     until: str | None = None
+    compile_regions: bool = True
 
 
 @dataclass
@@ -438,30 +445,28 @@ def _lm_head(gm: fx.GraphModule, head_path: str) -> fx.Node:
     return heads[0]
 
 
-def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], *, offload: bool = False,
-                      **checkpoint_kwargs: Any) -> fx.GraphModule:
-    """Activation checkpointing: each decoder block's nodes become one submodule called through
-    ``torch.utils.checkpoint.checkpoint`` (non-reentrant by default, RNG state preserved, so dropout
-    recomputes the same mask): backward recomputes the block instead of keeping its activations.
-
-    Matches: nodes traced inside each module path of ``blocks`` (inserted experts and routers carry
-    their anchor's module stack), plus helper nodes whose every user is in the block. Emits: one
-    ``checkpoint(block_i, *inputs)`` call per block and ``getitem`` s of its outputs."""
-    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
-
-    new = copy_graph_module(gm)
-    graph = new.graph
+def _block_partitions(graph: fx.Graph, blocks: list[str], *, hoist_state: bool = False) -> list[dict]:
+    """The nodes of each decoder block: those traced inside its module path (inserted experts and
+    routers carry their anchor's module stack), plus helper nodes whose every user is in the block.
+    ``hoist_state`` leaves out nodes that depend on no graph input (a site's dropout seed, work on
+    parameters only): they can differ between blocks by constants, and outside they are the same work."""
+    from_inputs: set[fx.Node] = set()
+    for n in graph.nodes:  # a site's seed is an input's entry at a constant index: state, too
+        if n.op == "placeholder" or n.target is not seed_at and any(a in from_inputs for a in n.all_input_nodes):
+            from_inputs.add(n)
     partitions = []
     for path in blocks:
         part: dict[fx.Node, None] = {n: None for n in graph.nodes
-                                     if n.op in ("call_function", "call_module") and path in module_paths(n)}
+                                     if n.op in ("call_function", "call_module") and path in module_paths(n)
+                                     and (not hoist_state or n in from_inputs)}
         if not part:
             continue
         grew = True
         while grew:  # untagged helpers (sym sizes, getitems) used only inside the block join it
             grew = False
             for n in graph.nodes:
-                if n in part or n.op not in ("call_function", "call_module") or not n.users:
+                if n in part or n.op not in ("call_function", "call_module") or not n.users \
+                        or (hoist_state and n not in from_inputs):
                     continue
                 if all(u in part for u in n.users) and any(a in part for a in n.all_input_nodes):
                     part[n] = None
@@ -470,22 +475,98 @@ def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], *, offload: bool = 
     if not partitions:
         raise MoaFxError("no decoder blocks found to checkpoint; gradient checkpointing needs repeated blocks "
                          "(model.layers.N or similar)")
-    fused = fuse_by_partitions(new, partitions, prefix="moa_fx_block_", always_return_tuple=True)
-    checkpoint_kwargs["offload"] = offload
+    return partitions
+
+
+def _wrap_block_calls(fused: fx.GraphModule, wrapper: Callable, kwargs: dict) -> None:
+    """Each ``call_module`` of a fused block becomes ``wrapper(block, *inputs, **kwargs)``."""
     for node in list(fused.graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith("moa_fx_block_"):
             continue
         with fused.graph.inserting_before(node):
             sub = fused.graph.get_attr(node.target)
-            call = fused.graph.call_function(
-                _checkpoint, (sub, *node.args), dict(checkpoint_kwargs))
+            call = fused.graph.call_function(wrapper, (sub, *node.args), dict(kwargs))
             call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         fused.graph.erase_node(node)
     fused.graph.lint()
     fused.recompile()
+
+
+def checkpoint_blocks(gm: fx.GraphModule, blocks: list[str], *, offload: bool = False,
+                      **checkpoint_kwargs: Any) -> fx.GraphModule:
+    """Activation checkpointing: each decoder block's nodes become one submodule called through
+    ``torch.utils.checkpoint.checkpoint`` (non-reentrant by default, RNG state preserved, so dropout
+    recomputes the same mask): backward recomputes the block instead of keeping its activations.
+
+    Matches: the nodes of each block in ``blocks`` (:func:`_block_partitions`). Emits: one
+    ``checkpoint(block_i, *inputs)`` call per block and ``getitem`` s of its outputs."""
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+    new = copy_graph_module(gm)
+    fused = fuse_by_partitions(new, _block_partitions(new.graph, blocks), prefix="moa_fx_block_",
+                               always_return_tuple=True)
+    _wrap_block_calls(fused, _checkpoint, {**checkpoint_kwargs, "offload": offload})
     fused.meta.update(gm.meta)
     return fused
+
+
+def compile_regions(gm: fx.GraphModule, blocks: list[str]) -> fx.GraphModule:
+    """Decoder blocks as compile regions: each block's nodes become a submodule (its parameters are
+    its inputs), blocks of the same structure share one submodule, and every call goes through
+    :func:`_region`, a ``torch.compiler.nested_compile_region``. Eager runs the same ops in the same
+    order; ``torch.compile`` traces and compiles a block once and reuses it for every block whose
+    inputs have the same metadata, so compile time no longer grows with depth.
+
+    Matches: the nodes of each block (:func:`_block_partitions`, work that depends on no input left
+    outside). Emits: one ``_region(block, *inputs)`` call per block and ``getitem`` s of its outputs."""
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+    new = copy_graph_module(gm)
+    partitions = _block_partitions(new.graph, blocks, hoist_state=True)
+    for part in partitions:  # a module the block calls (a threshold, a prompt expert) becomes an input
+        for node in [n for n in part if n.op == "call_module"]:
+            with new.graph.inserting_before(node):
+                module = new.graph.get_attr(node.target)
+            node.op, node.target, node.args = "call_function", _call_module, (module, *node.args)
+    fused = fuse_by_partitions(new, partitions, prefix="moa_fx_block_", always_return_tuple=True)
+    first: dict[str, str] = {}  # structure -> the first block submodule with it
+    for node in fused.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("moa_fx_block_"):
+            shared = first.setdefault(_structure(fused.get_submodule(node.target)), node.target)
+            if shared != node.target:
+                fused.delete_submodule(node.target)
+                node.target = shared
+    _wrap_block_calls(fused, _region, {})
+    fused.meta.update(gm.meta)
+    return fused
+
+
+def _structure(gm: fx.GraphModule) -> str:
+    """``gm``'s graph with every node named by its position: equal for blocks that compute the same."""
+    index: dict[fx.Node, int] = {}
+    rows = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: f"%{index[a]}")
+        rows.append(f"{node.op} {node.target if node.op != 'placeholder' else ''} {args!r}")
+    return "\n".join(rows)
+
+
+def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+def _region(block: Callable, *args: Any) -> Any:
+    """A decoder block's call: ``block(*args)`` eagerly; under ``torch.compile`` a region compiled once
+    and reused for every block of the same structure and input metadata. (A graph target of its own:
+    FX names the decorated function by the decorator's inner name, which it cannot import.)"""
+    return _nested_region(block, *args)
+
+
+@torch.compiler.nested_compile_region
+def _nested_region(block: Callable, *args: Any) -> Any:
+    return block(*args)
 
 
 def _checkpoint(fn: Callable, *args: Any, offload: bool = False, **kwargs: Any) -> Any:

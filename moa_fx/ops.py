@@ -138,8 +138,10 @@ def lowered_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, 
 
 
 def seed_at(seeds: torch.Tensor | None, index: int) -> torch.Tensor | None:
-    """Site ``index``'s dropout seed from the forward's :class:`~moa_fx.kinds.lora.DropoutSeeds` (None in eval)."""
-    return None if seeds is None else seeds[index]
+    """Site ``index``'s dropout seed from the forward's :class:`~moa_fx.kinds.lora.DropoutSeeds` (None in eval).
+    A copy, not a view: a compile region (one decoder block) takes several sites' seeds, and the inputs
+    of a region must not alias each other."""
+    return None if seeds is None else seeds[index].clone()
 
 
 def dropout_lora_site(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, a_list: list[torch.Tensor],

@@ -46,6 +46,7 @@ from torch import nn
 
 from . import adapter_files
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, causal_attention, checkpoint_blocks,
+                     compile_regions,
                      derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
 from .errors import InputError, MoaFxError
 from .graph import ADAPTER_ROOT
@@ -101,7 +102,7 @@ class Backbone:
 
 def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, example_inputs: Any = None,
               dynamic: bool = True, lower: str = "auto", fuse: bool = True,
-              until: str | None = None) -> "MoAModel":
+              until: str | None = None, compile_regions: bool = True) -> "MoAModel":
     """Capture ``model``, insert the experts and routers that ``spec`` describes, return a MoAModel.
 
     ``spec`` is a :class:`Spec`, a preset name (``"adamole"``), a ``.toml``/``.json`` path or a dict.
@@ -112,6 +113,9 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
     per site), ``"dense"``, ``"grouped"``, or ``"off"`` (one graph node per expert, weighted sum).
     ``fuse`` gives every tensor read by several small projections (the LoRA A's of q, k and v, the
     router, the threshold) one GEMM followed by splits; ``fuse=False`` keeps one GEMM per reader.
+    ``compile_regions`` runs each decoder block as one submodule shared by the blocks of the same
+    structure, called as a ``torch.compiler.nested_compile_region``: eager runs the same ops, and
+    ``torch.compile`` compiles a block once instead of once per layer (``False``: one flat graph).
     Every graph the model derives later (eval, KV cache, another device or dtype) repeats these
     options.
 
@@ -122,7 +126,8 @@ def transform(model: nn.Module, spec: Spec | str | dict | os.PathLike, *, exampl
         raise MoaFxError("this model is already transformed; transform its base model (model.model) with a spec "
                          "that lists every expert, or keep training the MoAModel you have")
     spec = load_spec(spec)
-    options = DeriveOptions(example_inputs=example_inputs, dynamic=dynamic, lower=lower, fuse=fuse, until=until)
+    options = DeriveOptions(example_inputs=example_inputs, dynamic=dynamic, lower=lower, fuse=fuse, until=until,
+                            compile_regions=compile_regions)
     adapters = nn.Module()
     first = derive_by_capture(model, spec, adapters, options, GraphKey("forward", dropout=True),
                               example_inputs=example_inputs)
@@ -147,6 +152,7 @@ class MoAModel(nn.Module):
         self.model_class = cap.model_class
         self.main_input_name = "input_ids"
         self._options = options
+        compile_regions = options.compile_regions and not options.until
         self._causal = cap.is_causal_lm
         self._loss_function = cap.loss_function
         # train and eval graphs differ only where the base model has dropout (or batch norm)
@@ -168,6 +174,10 @@ class MoAModel(nn.Module):
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
         self.register_state_dict_post_hook(_adapters_only_state_dict)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
+        # blocks as compile regions: a forward call runs that rewrite of the graph it needs
+        self._regions = compile_regions and len(block_paths(first.gm)) >= 2
+        if self._regions:  # ready before a compiled forward needs it, as every graph _derive makes
+            self._get(first.key._replace(regions=True))
         if self._causal:  # the graph of a call without a mask, ready before a compiled forward needs it
             self._get(first.key._replace(causal=True))
 
@@ -224,25 +234,29 @@ class MoAModel(nn.Module):
 
     def _key(self, purpose: str = "forward", last_logits: bool = False, checkpointing: bool | None = None,
              embeds: bool = False, hidden: bool = False, backbone: bool = False, packed: bool = False,
-             causal: bool = False) -> GraphKey:
+             causal: bool = False, regions: bool = False) -> GraphKey:
         """The key of the graph a call needs now: the base model's mode decides dropout and checkpointing."""
         train = self.model.training
         if checkpointing is None:
             checkpointing = self._checkpointing is not None and train
+        regions = regions and self._regions and purpose == "forward" and not checkpointing
         return GraphKey(purpose, self._has_dropout and train, checkpointing, last_logits, embeds, hidden, backbone,
-                        packed, causal)
+                        packed, causal, regions)
 
     def derived(self, purpose: str = "forward", *, last_logits: bool = False, embeds: bool = False,
-                hidden: bool = False, backbone: bool = False, packed: bool = False, causal: bool = False) -> Derived:
+                hidden: bool = False, backbone: bool = False, packed: bool = False, causal: bool = False,
+                regions: bool = False) -> Derived:
         """The graph for ``purpose`` ("forward" or "cached") in the current mode, derived on first use
-        (``causal``: for a call without an attention mask, SDPA ``is_causal`` instead of the mask).
+        (``causal``: for a call without an attention mask, SDPA ``is_causal`` instead of the mask;
+        ``regions``: the decoder blocks as shared compile regions, what a forward call runs).
 
         ``model.derived("cached").gm`` is the KV-cache graph: compile it with ``torch.compile`` like
         any GraphModule (inputs: ids, mask, position ids, past keys…, past values…)."""
         if purpose not in ("forward", "cached"):
             raise InputError(f"purpose {purpose!r} is not valid; choose 'forward' or 'cached'")
         return self._get(self._key(purpose, last_logits, embeds=embeds, hidden=hidden, backbone=backbone,
-                                   packed=packed, causal=causal and purpose == "forward" and not packed))
+                                   packed=packed, causal=causal and purpose == "forward" and not packed,
+                                   regions=regions))
 
     @torch.compiler.disable
     def _derive(self, key: GraphKey) -> Derived:
@@ -250,7 +264,10 @@ class MoAModel(nn.Module):
         capture. ``seconds`` counts this step only, not the derivation of its source."""
         if key.purpose == "cached" and not self._causal:
             raise InputError(f"{self.model_class} is not a causal LM: it has no KV-cache graph")
-        if key.checkpointing:
+        if key.regions:
+            source, rewrite, name = (key._replace(regions=False), lambda gm: compile_regions(gm, block_paths(gm)),
+                                     "compile_regions")
+        elif key.checkpointing:
             source, rewrite, name = key._replace(checkpointing=False), self._checkpoint_rewrite, "checkpoint_blocks"
         elif key.last_logits:
             source, rewrite, name = (key._replace(last_logits=False),
@@ -266,6 +283,8 @@ class MoAModel(nn.Module):
             source = None
         if source is not None:
             src = self._get(source)
+            if key in self._graphs:  # deriving the source derived this graph too
+                return self._graphs[key]
             start = time.perf_counter()
             made = src.replace_graph(rewrite(src.gm), key, f"rewrite of {src.key}: {name}", 0.0)
         else:
@@ -275,6 +294,8 @@ class MoAModel(nn.Module):
         made.seconds = time.perf_counter() - start
         self._graphs[key] = made
         self.derivations.append((str(key), made.how, made.seconds))
+        if key.purpose == "forward" and not (key.regions or key.checkpointing) and self._regions:
+            self._get(key._replace(regions=True))  # what a forward call runs: ready before a compiled one needs it
         if key.purpose == "forward" and not (key.causal or key.packed) and self._causal:
             self._get(key._replace(causal=True))  # as in __init__: no graph break in a compiled call without a mask
         return made
@@ -421,7 +442,7 @@ class MoAModel(nn.Module):
         if self._disabled:  # disable_adapter(): the base model itself
             return self.model(*args, labels=labels, **kwargs) if labels is not None else self.model(*args, **kwargs)
         if not self._causal:
-            derived = self.derived()
+            derived = self.derived(regions=True)
             flat = plain_inputs(derived, args, kwargs)
             outputs = derived.gm(*flat)
             user = self._take_extras(derived, outputs)
@@ -463,7 +484,7 @@ class MoAModel(nn.Module):
                 cache = None
         else:
             derived = self.derived(embeds=embeds is not None, hidden=hidden, backbone=backbone, packed=packed,
-                                   causal=mask is None)
+                                   causal=mask is None, regions=True)
             if packed:
                 second = call["position_ids"].expand(tokens.shape).contiguous()
             else:

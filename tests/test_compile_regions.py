@@ -1,0 +1,81 @@
+"""Decoder blocks as compile regions: one shared submodule per block structure, the same ops eagerly,
+one compiled region for the repeated blocks under torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa_fx import transform
+from tiny import randomize_adapters, slow_except, tiny_model, tokens
+
+PRESETS = ["lora", "adamole", "sparse_moa", "soft_moa", "hydralora", "mole_topk"]
+
+
+def _block_modules(gm) -> list[str]:
+    return [name for name, _ in gm.named_children() if name.startswith("moa_fx_block_")]
+
+
+@pytest.mark.parametrize("preset", slow_except(PRESETS, ["adamole", "soft_moa"]))
+def test_blocks_share_one_submodule_and_compute_the_same(preset):
+    """Every preset's four blocks become one submodule (thresholds and prompt experts are inputs, a
+    site's dropout seed is computed outside), and forward and gradients equal the flat graph's bit for bit."""
+    base = tiny_model("llama", init="unit", num_hidden_layers=4)
+    flat = transform(base, preset, compile_regions=False)
+    moa = transform(base, preset)
+    randomize_adapters(flat, std=0.5)
+    moa.load_state_dict(flat.state_dict(), strict=False)
+    moa.eval(), flat.eval()
+    assert _block_modules(moa.derived(regions=True).gm) == ["moa_fx_block_0"]
+    assert not _block_modules(flat.derived(regions=True).gm)  # compile_regions=False: the flat graph
+    ids = tokens(2, 12, seed=3)
+    outs = []
+    for m in (moa, flat):
+        out = m(input_ids=ids, labels=ids)
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True, materialize_grads=True)
+        outs.append((out.logits, out.loss, grads))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for a, b in zip(outs[0][2], outs[1][2]):
+        assert torch.equal(a, b)
+
+
+def test_a_model_with_one_block_keeps_its_flat_graph():
+    moa = transform(tiny_model("llama", num_hidden_layers=1), "sparse_moa")
+    assert moa.derived(regions=True) is moa.derived()
+    assert not any("regions" in key for key, _, _ in moa.derivations)
+
+
+@pytest.mark.parametrize("preset", ["adamole", "sparse_moa"])
+def test_compiled_blocks_trace_one_region_for_the_repeated_blocks(preset):
+    """torch.compile (fullgraph) calls the three repeated blocks of four through one traced region
+    (the first block's input, the frozen embedding's output, needs no grad and is traced apart); the
+    compiled model matches eager in eval, and trains in train mode (AdaMoLE's expert dropout included)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    moa = transform(tiny_model("llama", init="unit", num_hidden_layers=4), preset)
+    randomize_adapters(moa, std=0.5)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(moa, backend=recording, fullgraph=True, dynamic=False)
+    ids = tokens(2, 12, seed=1)
+    moa.eval()
+    torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, moa(input_ids=ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-6)
+    calls = [n.args[0].target for g in graphs for n in g.graph.nodes if "invoke_subgraph" in str(n.target)]
+    assert len(set(calls)) <= 2 and max(calls.count(c) for c in calls) >= 3, calls  # blocks 1-3: one region
+    moa.train()
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    params = [p for p in moa.parameters() if p.requires_grad]
+    reached = [p.grad is not None for p in params]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    moa.zero_grad(set_to_none=True)
+    moa(input_ids=ids, labels=ids).loss.backward()
+    assert reached == [p.grad is not None for p in params]  # the same parameters as eager get gradients
