@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import AdapterLoadError, MoaFxError
+from .errors import AdapterLoadError, InputError, MoaFxError
 from .fileio import atomic_write, atomic_write_text, sha256_file
 from .graph import ADAPTER_ROOT
 from .peft_lora import (adapts_like, check_peft_lora_config, is_plain_lora, lora_config_fields, peft_names,
@@ -152,6 +152,19 @@ def save_adapters(moa: "MoAModel", directory: str | os.PathLike) -> pathlib.Path
     config["moa_fx"]["sha256"] = sha256_file(directory / ADAPTER_WEIGHTS)
     atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))
     return directory
+
+
+def check_save_arguments(safe_serialization: bool, selected_adapters: list[str] | None, kwargs: dict) -> None:
+    """Refuse the ``save_pretrained`` arguments PEFT has and moa-fx cannot honour, by name."""
+    if not safe_serialization:
+        raise InputError("safe_serialization=False is not supported: moa-fx writes safetensors only (no pickles)")
+    if selected_adapters not in (None, ["default"]):
+        raise InputError(f"selected_adapters = {selected_adapters!r}: a transformed model has one adapter, "
+                         "'default'")
+    unknown = sorted(set(kwargs) - {"save_embedding_layers", "path_initial_model_for_weight_conversion"})
+    if unknown or kwargs.get("save_embedding_layers") is True:
+        raise InputError(f"save_pretrained arguments {unknown or ['save_embedding_layers=True']} are not "
+                         "supported: a transformed model saves its adapters only")
 
 
 def saved_spec(directory: str | os.PathLike) -> Spec:
@@ -349,3 +362,16 @@ def load_named_base(directory: str | os.PathLike) -> nn.Module:
     # safetensors only: a directory named by an untrusted config must not make us unpickle weights
     return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
 
+
+def adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    """The state-dict hook of a MoAModel: its state dict holds the adapters only (the base is frozen and
+    the caller's)."""
+    keep = prefix + f"{ADAPTER_ROOT}."
+    for key in [k for k in state if not k.startswith(keep)]:
+        del state[key]
+
+
+def ignore_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
+    """The load hook: a state dict of adapters only leaves no base key missing."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if k.startswith(f"{ADAPTER_ROOT}.") or f".{ADAPTER_ROOT}." in k]

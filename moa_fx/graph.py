@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -77,6 +78,20 @@ def layer_index(path: str) -> int | None:
     """The first integer component of a module path: ``model.layers.3.mlp`` → 3."""
     m = _NUMERIC.search(path)
     return int(m.group(1)) if m else None
+
+
+def router_statistics(stats: dict[str, torch.Tensor], routers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``MoAModel.router_stats``: each router's statistics vector (activation rates, gate means, the
+    threshold's mean) read into a dict, with the router's expert ids and layer."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, vec in stats.items():
+        ids = list(routers[key].expert_ids)
+        values = vec.detach().float().cpu().tolist()
+        e = len(ids)
+        rate, gate, tau = values[:e], values[e:2 * e], values[2 * e]
+        out[key] = {"experts": ids, "activation_rate": rate, "gate_mean": gate, "mean_active": float(sum(rate)),
+                    "threshold_mean": None if math.isnan(tau) else tau, "layer": layer_index(key)}
+    return out
 
 
 def all_module_paths(gm: fx.GraphModule) -> list[str]:

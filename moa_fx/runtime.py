@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import os
 import pathlib
 import time
@@ -46,10 +45,9 @@ from torch import nn
 
 from . import adapter_files
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, causal_attention, checkpoint_blocks,
-                     compile_regions,
-                     derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
+                     compile_regions, derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
 from .errors import InputError, MoaFxError
-from .graph import ADAPTER_ROOT
+from .graph import router_statistics
 from .inputs import learned_positions, lm_inputs, plain_inputs
 from .kv_cache import cached_mask_positions, past_keys_values, store
 from .peft_lora import MoAPeftConfig, is_plain_lora, merge_lora
@@ -172,8 +170,8 @@ class MoAModel(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         # state_dict() holds the adapters only: the frozen base belongs to the base model (and its
         # tied weights would make safetensors refuse a full state dict, e.g. in the HF Trainer)
-        self.register_state_dict_post_hook(_adapters_only_state_dict)
-        self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
+        self.register_state_dict_post_hook(adapter_files.adapters_only_state_dict)
+        self.register_load_state_dict_post_hook(adapter_files.ignore_missing_base_keys)
         # blocks as compile regions: a forward call runs that rewrite of the graph it needs
         self._regions = compile_regions and len(block_paths(first.gm)) >= 2
         if self._regions:  # ready before a compiled forward needs it, as every graph _derive makes
@@ -698,18 +696,7 @@ class MoAModel(nn.Module):
         ``{"experts": [ids], "activation_rate": [per expert], "gate_mean": [per expert],
         "mean_active": experts per token, "threshold_mean": float or None, "layer": int or None}``.
         """
-        from .graph import layer_index
-
-        out: dict[str, dict[str, Any]] = {}
-        for key, vec in self._stats.items():
-            info = self._last.routers[key]
-            e = len(info.expert_ids)
-            values = vec.detach().float().cpu().tolist()
-            rate, gate, tau = values[:e], values[e:2 * e], values[2 * e]
-            out[key] = {"experts": list(info.expert_ids), "activation_rate": rate, "gate_mean": gate,
-                        "mean_active": float(sum(rate)), "threshold_mean": None if math.isnan(tau) else tau,
-                        "layer": layer_index(key)}
-        return out
+        return router_statistics(self._stats, self._last.routers)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -774,15 +761,7 @@ class MoAModel(nn.Module):
                         **kwargs: Any) -> None:
         """PEFT's name for :meth:`save_adapters` (``adapter_model.safetensors`` + ``adapter_config.json``,
         PEFT's layout for plain LoRA, the base model's name inside)."""
-        if not safe_serialization:
-            raise InputError("safe_serialization=False is not supported: moa-fx writes safetensors only (no pickles)")
-        if selected_adapters not in (None, ["default"]):
-            raise InputError(f"selected_adapters = {selected_adapters!r}: a transformed model has one adapter, "
-                             "'default'")
-        unknown = sorted(set(kwargs) - {"save_embedding_layers", "path_initial_model_for_weight_conversion"})
-        if unknown or kwargs.get("save_embedding_layers") is True:
-            raise InputError(f"save_pretrained arguments {unknown or ['save_embedding_layers=True']} are not "
-                             "supported: a transformed model saves its adapters only")
+        adapter_files.check_save_arguments(safe_serialization, selected_adapters, kwargs)
         if is_main_process:
             self.save_adapters(save_directory)
 
@@ -808,13 +787,3 @@ class MoAModel(nn.Module):
         moa.load_adapters(directory)
         return moa
 
-
-def _adapters_only_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
-    keep = prefix + f"{ADAPTER_ROOT}."
-    for key in [k for k in state if not k.startswith(keep)]:
-        del state[key]
-
-
-def _ignore_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                    if k.startswith(f"{ADAPTER_ROOT}.") or f".{ADAPTER_ROOT}." in k]
