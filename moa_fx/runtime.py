@@ -45,7 +45,8 @@ from torch import nn
 
 from . import adapter_files
 from .derive import (Derived, DeriveOptions, GraphKey, block_paths, causal_attention, checkpoint_blocks,
-                     compile_regions, derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits, strip_dropout)
+                     compile_regions, derive_by_capture, has_dropout, has_mode_ops, keep_hidden, keep_last_logits,
+                     strip_dropout)
 from .errors import InputError, MoaFxError
 from .graph import router_statistics
 from .inputs import learned_positions, lm_inputs, plain_inputs
