@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -538,8 +539,55 @@ def compile_regions(gm: fx.GraphModule, blocks: list[str]) -> fx.GraphModule:
                 fused.delete_submodule(node.target)
                 node.target = shared
     _wrap_block_calls(fused, _region, {})
+    _attach_first_block_grad(fused)
     fused.meta.update(gm.meta)
     return fused
+
+
+def _attach_first_block_grad(fused: fx.GraphModule) -> None:
+    """The first block's hidden input made to look like the later blocks' (needing grad, under
+    torch.compile): its other inputs match theirs, so every block then calls the one compiled region
+    instead of the first tracing a region of its own (the frozen embedding's output needs no grad).
+
+    Matches: the first ``_region`` call sharing its block with the second, at the argument positions
+    where the second reads the first's outputs. Emits: ``_attach_grad(x, *block_parameters)`` there."""
+    calls = [n for n in fused.graph.nodes if n.op == "call_function" and n.target is _region]
+    if len(calls) < 2 or calls[0].args[0].target != calls[1].args[0].target:
+        return
+    first, second = calls[:2]
+    carried = [i for i, a in enumerate(second.args) if isinstance(a, fx.Node) and a.target is operator.getitem
+               and a.args[0] is first]
+    anchors = [a for a in first.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+    for i in carried:
+        with fused.graph.inserting_before(first):
+            attached = fused.graph.call_function(_attach_grad, (first.args[i], *anchors))
+        first.update_arg(i, attached)
+    fused.graph.lint()
+    fused.recompile()
+
+
+def _attach_grad(x: Any, *anchors: Any) -> Any:
+    """``x`` as it is, except under ``torch.compile`` with grad on, when ``x`` needs no grad and an
+    anchor (a block parameter) does: then a copy that needs grad through that anchor. Its backward
+    gives neither a gradient; the cost is the first block's input gradient, which the shared compiled
+    region computes anyway. Eager calls are unchanged."""
+    if (not torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.requires_grad
+            or not torch.is_grad_enabled() or not x.is_floating_point()):
+        return x
+    anchor = next((a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad), None)
+    return x if anchor is None else _AttachGrad.apply(x, anchor)
+
+
+class _AttachGrad(torch.autograd.Function):
+    """A copy of ``x`` that needs grad because ``anchor`` does; no gradient flows to either."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
 
 
 def _structure(gm: fx.GraphModule) -> str:
