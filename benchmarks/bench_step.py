@@ -15,7 +15,8 @@ Variants (PERF.md "The variants every benchmark runs"):
                          (``transform(model, spec, lower="off")`` / torch.compile of it /
                          ``transform(model, spec, lower="auto")`` / torch.compile of that), all
                          with the shared-input fusion (the default); ``--unfused`` adds
-                         ``.eager.unfused`` / ``.lowered.unfused`` (``fuse=False``).
+                         ``.eager.unfused`` / ``.lowered.unfused`` (``fuse=False``); ``--flat``
+                         adds ``.lowered.compiled.flat`` (``compile_regions=False``: one flat graph).
 
 Step = forward with labels + backward + AdamW step + zero_grad (the floor has no optimizer).
 Sparse methods are calibrated so that ``--activation`` (default 0.5) of (token, expert) pairs fire;
@@ -265,11 +266,13 @@ class Bench:
         self._models: dict[str, nn.Module] = {}  # variant -> its eager model (for --inference)
 
     # -- pieces ------------------------------------------------------------------------------
-    def moa(self, method: str, lower: str | None, fuse: bool = True):
-        key = (method, lower, fuse)
+    def moa(self, method: str, lower: str | None, fuse: bool = True, regions: bool = True):
+        key = (method, lower, fuse, regions)
         if key not in self.moas:
-            moa, note, seconds = common.calibrated_moa(self.base, method, lower, self.ids, self.args.activation, fuse)
-            self.transform_s[f"{method}:{lower or 'off'}{'' if fuse else ':unfused'}"] = seconds
+            moa, note, seconds = common.calibrated_moa(self.base, method, lower, self.ids, self.args.activation, fuse,
+                                                       regions)
+            self.transform_s[f"{method}:{lower or 'off'}{'' if fuse else ':unfused'}{'' if regions else ':flat'}"] \
+                = seconds
             self.moas[key] = (moa, note)
         return self.moas[key]
 
@@ -283,7 +286,7 @@ class Bench:
         """``--inference``: forward only, under no_grad (floor: the base model's forward)."""
         if name.startswith("floor"):
             fwd = self.base
-            if name.endswith("compiled"):
+            if is_compiled(name):
                 common.fresh_compile_cache()
                 fwd = torch.compile(self.base, dynamic=False)
         else:
@@ -291,7 +294,7 @@ class Bench:
             model = self._models[name]
             model.eval()
             fwd = model
-            if name.endswith("compiled"):
+            if is_compiled(name):
                 common.fresh_compile_cache()
                 fwd = torch.compile(model, dynamic=False)
 
@@ -317,9 +320,11 @@ class Bench:
         if kind == "loop":
             return self._loop(method)
         lower = "auto" if kind.startswith("lowered") else None
+        regions = not kind.endswith(".flat")
+        kind = kind.removesuffix(".flat")
         fuse = not kind.endswith("unfused")
         kind = kind.removesuffix(".unfused")
-        moa, note = self.moa(method, lower, fuse)
+        moa, note = self.moa(method, lower, fuse, regions)
         self.notes[name] = note
         self.info[name] = {"lowering": common.lowering_summary(moa)} if lower else {}
         self.activation_fns[name] = lambda m=moa: self._moa_activation(m)
@@ -368,6 +373,11 @@ class Bench:
         return common.train_step(model, self.ids, model.parameters(), lr=self.args.lr)
 
 
+def is_compiled(name: str) -> bool:
+    """Whether variant ``name`` runs under torch.compile (``….compiled`` or ``….compiled.flat``)."""
+    return name.removesuffix(".flat").endswith("compiled")
+
+
 def variant_names(args, lowering: bool) -> list[str]:
     names = ["floor"]
     if args.compile:
@@ -394,6 +404,8 @@ def variant_names(args, lowering: bool) -> list[str]:
                 names.append(f"{m}.lowered.unfused")
             if args.compile and m in args.compile_methods and args.compile_lowered:
                 names.append(f"{m}.lowered.compiled")
+                if args.flat:
+                    names.append(f"{m}.lowered.compiled.flat")
     if args.variants:
         names = [n for n in names if n in args.variants or n == "floor"]
     return names
@@ -426,7 +438,7 @@ def memory_child(args, device: str) -> None:
 def memory_in_subprocesses(args, names: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for name in names:
-        if name.endswith("compiled"):
+        if is_compiled(name):
             out[name] = {"note": "not measured (a compile in a subprocess costs minutes on this CPU)"}
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", name, "--layers", str(args.layers),
@@ -469,6 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-loop", action="store_true")
     ap.add_argument("--unfused", action="store_true",
                     help="also time <method>.eager.unfused / .lowered.unfused (fuse=False: one GEMM per reader)")
+    ap.add_argument("--flat", action="store_true",
+                    help="also time <method>.lowered.compiled.flat (compile_regions=False: one flat graph)")
     ap.add_argument("--variants", nargs="+", default=None, help="keep only these variant names (and the floor)")
     ap.add_argument("--memory", action="store_true",
                     help="CPU: RSS high-water mark per variant, each in its own subprocess")
@@ -521,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["variants"][n]["note"] = note
 
     if args.profile is not None:
-        wanted = args.profile or [n for n in names if n.endswith("compiled") or n == "floor"]
+        wanted = args.profile or [n for n in names if is_compiled(n) or n == "floor"]
         results["profiles"] = {}
         for n in wanted:
             if n in steps:
@@ -557,7 +571,7 @@ def summarise(args, bench: Bench, timings: dict[str, common.Timing]) -> dict[str
     floor_c = timings["floor.compiled"].median if "floor.compiled" in timings else None
     variants: dict[str, dict[str, Any]] = {}
     for n, t in timings.items():
-        compiled = n.endswith("compiled")
+        compiled = is_compiled(n)
         ref = floor_c if (compiled and floor_c) else floor
         variants[n] = {"median_s": t.median, "min_s": t.min, "first_s": t.first, "times_s": t.times,
                        "ratio_to_floor": t.median / floor, "overhead_s": t.median - floor,
@@ -573,12 +587,13 @@ def summarise(args, bench: Bench, timings: dict[str, common.Timing]) -> dict[str
         peft = variants.get(peft_name(m))
         peft_c = variants.get(peft_name(m) + ".compiled")
         loop = variants.get(f"{m}.loop")
-        for kind in ("eager", "eager.unfused", "compiled", "lowered", "lowered.unfused", "lowered.compiled"):
+        for kind in ("eager", "eager.unfused", "compiled", "lowered", "lowered.unfused", "lowered.compiled",
+                     "lowered.compiled.flat"):
             v = variants.get(f"{m}.{kind}")
             if v is None:
                 continue
             ov = v["overhead_vs_own_floor_s"]
-            same_peft = peft_c if (kind.endswith("compiled") and peft_c) else peft
+            same_peft = peft_c if (is_compiled(kind) and peft_c) else peft
             row[kind] = {
                 "ratio_to_floor": v["ratio_to_floor"],
                 "ratio_to_compiled_floor": v["ratio_to_compiled_floor"],
@@ -587,7 +602,7 @@ def summarise(args, bench: Bench, timings: dict[str, common.Timing]) -> dict[str
                 "overhead_over_loop_overhead": (ov / loop["overhead_s"]) if loop else None,
                 "step_over_peft_step": (v["median_s"] / same_peft["median_s"]) if same_peft else None,
             }
-            if kind.endswith("compiled") and "floor.compiled" in variants:
+            if is_compiled(kind) and "floor.compiled" in variants:
                 fc = variants["floor.compiled"]["compile_s"]
                 row[kind]["compile_s"] = v["compile_s"]
                 row[kind]["compile_over_base_compile"] = v["compile_s"] / fc if fc > 0 else None

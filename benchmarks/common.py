@@ -259,7 +259,8 @@ def make_moa(model, spec, lower: str | None, fuse: bool = True, regions: bool = 
     return transform(model, spec, lower=lower, **kwargs), f"lower={lower!r}" + note
 
 
-def calibrated_moa(model, spec, lower: str | None, ids, rate: float | None, fuse: bool = True):
+def calibrated_moa(model, spec, lower: str | None, ids, rate: float | None, fuse: bool = True,
+                   regions: bool = True):
     """:func:`make_moa` in train mode, its learned thresholds calibrated (:func:`calibrate`) so that
     about ``rate`` of the (token, expert) pairs fire on ``ids`` (``rate=None``: as initialised).
 
@@ -269,7 +270,7 @@ def calibrated_moa(model, spec, lower: str | None, ids, rate: float | None, fuse
     weights are then loaded.
     """
     t0 = time.perf_counter()
-    moa, note = make_moa(model, spec, lower, fuse)
+    moa, note = make_moa(model, spec, lower, fuse, regions)
     seconds = time.perf_counter() - t0
     moa.train()
     if rate is not None and moa_routers(moa):
