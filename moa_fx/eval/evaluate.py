@@ -65,6 +65,7 @@ from moa_fx.train import AnswerOnlyLoss, Schedule, StepReport, fit, make_optimiz
 
 __all__ = [
     "METHODS",
+    "VARIANTS",
     "BUDGET_CHANGES",
     "TASKS",
     "budget_spec",
@@ -82,6 +83,10 @@ __all__ = [
 ]
 
 METHODS = ("lora", "mole_topk", "adamole", "hydralora", "soft_moa", "sparse_moa")
+# Variants a run can ask for by name (``--methods``), not in the default set: no paper's method.
+# sparse_moa_tau: Sparse MoA with the τ-subtracting rule (w = (g − τ)·sel, METHODS.md's "welcome as an
+# option"), so that its threshold gets a gradient; under the official rule τ stays at its init.
+VARIANTS = ("sparse_moa_tau",)
 
 # The tasks of the evaluation: those where the survey's LoRA pilot (EVALUATION.md, "Task survey") rose at
 # least 15 points above zero-shot within 200 steps (hyperbaton +51.5, logical fallacies +33.5, multiemo +28,
@@ -99,11 +104,16 @@ BUDGET_CHANGES = {
     "hydralora": "shared A r 4 → 8, α 32 → 64 (scale 8 kept); 4 heads B, dense softmax router, dropout 0.05",
     "soft_moa": "preset unchanged (LoRA r 8 on q,k,v,o,down + parallel adapter 16 + prompt L 10, SwiGLU router)",
     "sparse_moa": "preset unchanged (LoRA r 8 on q,k,v,o,down + parallel adapter 16, learned τ, τ_max 0.5)",
+    "sparse_moa_tau": "sparse_moa with router.threshold.rule = adamole (w = (g − τ)·sel: τ learns); a variant",
 }
 
 
 def budget_spec(method: str) -> Spec:
     """The spec used for ``method`` in this evaluation (its preset, resized per :data:`BUDGET_CHANGES`)."""
+    if method == "sparse_moa_tau":
+        spec = presets.get("sparse_moa")
+        threshold = dataclasses.replace(spec.router.threshold, rule="adamole")
+        return dataclasses.replace(spec, router=dataclasses.replace(spec.router, threshold=threshold), name=method)
     spec = presets.get(method)
     if method == "lora":
         spec = dataclasses.replace(spec, experts=(LoraExpert(at=presets.QKVOD, r=16, alpha=16),))
@@ -172,8 +182,8 @@ class EvalConfig:
         self.sweep_lrs = tuple(float(x) for x in self.sweep_lrs)
         self.lrs = {str(k): float(v) for k, v in dict(self.lrs).items()}
         for m in (*self.methods, *self.lrs):
-            if m not in METHODS:
-                raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in METHODS + VARIANTS:
+                raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS + VARIANTS)}")
         if not self.methods or not self.settings or not self.seeds:
             raise InputError("give at least one method, one task setting and one seed")
         for name in ("steps", "batch_size", "max_prompt_tokens", "eval_examples", "curve_examples", "threads",
