@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets the inductor cache environment before torch)
 import torch  # noqa: E402
 
-from bench_step import Bench, peft_name  # noqa: E402
+from bench_step import Bench, is_compiled, peft_name  # noqa: E402
 
 DEFAULT_VARIANTS = ("floor.compiled", peft_name("sparse_moa") + ".compiled", "sparse_moa.compiled",
                     "sparse_moa.lowered.compiled")
@@ -296,7 +296,7 @@ def compile_variants(bench: Bench, names: list[str], warmup: int) -> tuple[dict,
         again = counter_diff(dynamo_counters(), after_warm)
         cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         info[name] = {"first_call_s": first, "dynamo": counter_diff(after_warm, before),
-                      "after_warmup": again, "code": code_summary(cache) if name.endswith("compiled") else None}
+                      "after_warmup": again, "code": code_summary(cache) if is_compiled(name) else None}
         steps[name] = step
         graphs = info[name]["dynamo"].get("stats", {}).get("unique_graphs", 0)
         breaks = sum(info[name]["dynamo"].get("graph_break", {}).values())

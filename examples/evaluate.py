@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/eval", help="folder of results.json (resumed), results.md, the charts")
-    parser.add_argument("--methods", type=_list, default=None, help=f"comma list from {','.join(ev.METHODS)} (the default) "
-                        f"and the variants {','.join(ev.VARIANTS)}")
+    parser.add_argument("--methods", type=_list, default=None,
+                        help=f"comma list from {','.join(ev.METHODS)} (the default) "
+                             f"and the variants {','.join(ev.VARIANTS)}")
     parser.add_argument("--tasks", type=_list, default=None,
                         help="comma list of settings: a task name (alone) or a+b+c (mixture); default: "
                              "each of moa_fx.eval.evaluate.TASKS and their mixture")

@@ -557,7 +557,7 @@ def _attach_first_block_grad(fused: fx.GraphModule) -> None:
     first, second = calls[:2]
     carried = [i for i, a in enumerate(second.args) if isinstance(a, fx.Node) and a.target is operator.getitem
                and a.args[0] is first]
-    anchors = [a for a in first.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+    anchors = [a for a in first.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]  # tensors, modules
     for i in carried:
         with fused.graph.inserting_before(first):
             attached = fused.graph.call_function(_attach_grad, (first.args[i], *anchors))
@@ -567,15 +567,28 @@ def _attach_first_block_grad(fused: fx.GraphModule) -> None:
 
 
 def _attach_grad(x: Any, *anchors: Any) -> Any:
-    """``x`` as it is, except under ``torch.compile`` with grad on, when ``x`` needs no grad and an
-    anchor (a block parameter) does: then a copy that needs grad through that anchor. Its backward
-    gives neither a gradient; the cost is the first block's input gradient, which the shared compiled
-    region computes anyway. Eager calls are unchanged."""
+    """``x`` as it is, except under ``torch.compile`` with grad on, when ``x`` needs no grad and a
+    trainable tensor of the block does (:func:`trainable_anchor`): then a copy that needs grad through
+    it. Its backward gives neither a gradient; the cost is the first block's input gradient, which the
+    shared compiled region computes anyway. Eager calls are unchanged."""
     if (not torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.requires_grad
             or not torch.is_grad_enabled() or not x.is_floating_point()):
         return x
-    anchor = next((a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad), None)
+    anchor = trainable_anchor(anchors)
     return x if anchor is None else _AttachGrad.apply(x, anchor)
+
+
+def trainable_anchor(anchors: tuple[Any, ...]) -> torch.Tensor | None:
+    """The first of ``anchors`` (a block's parameters, buffers and the modules it calls: experts,
+    thresholds, prompts) that is, or whose module holds, a tensor needing grad; None when none does."""
+    for a in anchors:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return a
+        if isinstance(a, nn.Module):
+            found = next((p for p in a.parameters() if p.requires_grad), None)
+            if found is not None:
+                return found
+    return None
 
 
 class _AttachGrad(torch.autograd.Function):

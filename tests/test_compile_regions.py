@@ -47,7 +47,35 @@ def test_a_model_with_one_block_keeps_its_flat_graph():
     assert not any("regions" in key for key, _, _ in moa.derivations)
 
 
-@pytest.mark.parametrize("preset", slow_except(["adamole", "sparse_moa"], ["adamole"]))
+@pytest.mark.parametrize("preset,options", [("adamole", {}), ("parallel_adapter", {}), ("prompt_tuning", {}),
+                                            ("lora", {"lower": "off", "fuse": False})])
+def test_the_first_blocks_input_is_anchored_to_a_trainable_tensor(preset, options):
+    """The first block's hidden input goes through ``_attach_grad`` with the block's parameters and
+    modules as anchors, and one of them holds a trainable tensor, also where every trainable parameter
+    sits in a module the block calls (parallel adapters, prompts, unfused LoRA): so under compile all
+    blocks can share one region. With the adapters frozen there is none, and the input stays as it is."""
+    from moa_fx.derive import _attach_grad, trainable_anchor
+
+    moa = transform(tiny_model("llama", num_hidden_layers=3), preset, **options)
+    gm = moa.derived(regions=True).gm
+    (node,) = [n for n in gm.graph.nodes if n.target is _attach_grad]
+    anchors = tuple(_fetch(gm, a.target) for a in node.args[1:])
+    found = trainable_anchor(anchors)
+    assert found is not None and found.requires_grad
+    assert any(found is p for p in moa.parameters())
+    for p in moa.parameters():
+        p.requires_grad_(False)
+    assert trainable_anchor(anchors) is None
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("preset", slow_except(["adamole", "sparse_moa", "parallel_adapter"], ["adamole"]))
 def test_compiled_blocks_trace_one_region_for_the_repeated_blocks(preset):
     """torch.compile (fullgraph) calls all four blocks through one traced region (the first block's
     input, the frozen embedding's output, is given grad under compile so that it matches the others);

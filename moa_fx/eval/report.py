@@ -323,7 +323,7 @@ def markdown_report(results: dict[str, Any]) -> str:
 # charts
 # --------------------------------------------------------------------------------------------------
 
-CHART_METHODS = ("adamole", "sparse_moa", "mole_topk")
+CHART_METHODS = ("adamole", "sparse_moa", "mole_topk", "sparse_moa_tau")
 
 
 def _active_series(rows: Sequence[dict[str, Any]]) -> list[tuple[str, int, dict[str, float]]]:

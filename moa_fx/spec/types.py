@@ -401,7 +401,8 @@ class ThresholdSpec:
     max: float | None = field(default=None, metadata=help_text(
         "τ_max of the learned threshold; default 1/E (AdaMoLE)"))
     rule: Literal["adamole", "moa"] = field(default="adamole", metadata=help_text(
-        "'adamole': w = (g − τ)·sel, renormalised (τ learns); 'moa': w = g·sel (τ gets no gradient)"))
+        "'adamole': w = (g − τ)·sel (τ learns; renormalised as router.renormalize says); "
+        "'moa': w = g·sel (τ gets no gradient)"))
 
     def __post_init__(self) -> None:
         check_choices(self, "router.threshold", "rule")
