@@ -568,17 +568,17 @@ def _attach_first_block_grad(fused: fx.GraphModule) -> None:
 
 def _attach_grad(x: Any, *anchors: Any) -> Any:
     """``x`` as it is, except under ``torch.compile`` with grad on, when ``x`` needs no grad and a
-    trainable tensor of the block does (:func:`trainable_anchor`): then a copy that needs grad through
+    trainable tensor of the block does (:func:`_trainable_anchor`): then a copy that needs grad through
     it. Its backward gives neither a gradient; the cost is the first block's input gradient, which the
     shared compiled region computes anyway. Eager calls are unchanged."""
     if (not torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.requires_grad
             or not torch.is_grad_enabled() or not x.is_floating_point()):
         return x
-    anchor = trainable_anchor(anchors)
+    anchor = _trainable_anchor(anchors)
     return x if anchor is None else _AttachGrad.apply(x, anchor)
 
 
-def trainable_anchor(anchors: tuple[Any, ...]) -> torch.Tensor | None:
+def _trainable_anchor(anchors: tuple[Any, ...]) -> torch.Tensor | None:
     """The first of ``anchors`` (a block's parameters, buffers and the modules it calls: experts,
     thresholds, prompts) that is, or whose module holds, a tensor needing grad; None when none does."""
     for a in anchors:

@@ -54,27 +54,22 @@ def test_the_first_blocks_input_is_anchored_to_a_trainable_tensor(case):
     modules as anchors, and one of them holds a trainable tensor, also where every trainable parameter
     sits in a module the block calls (parallel adapters, prompts, unfused LoRA): so under compile all
     blocks can share one region. With the adapters frozen there is none, and the input stays as it is."""
-    from moa_fx.derive import _attach_grad, trainable_anchor
+    import torch.fx as fx
+
+    from moa_fx.derive import _attach_grad, _trainable_anchor
 
     preset, _, unfused = case.partition(".")
     options = {"lower": "off", "fuse": False} if unfused else {}
     moa = transform(tiny_model("llama", num_hidden_layers=3), preset, **options)
     gm = moa.derived(regions=True).gm
     (node,) = [n for n in gm.graph.nodes if n.target is _attach_grad]
-    anchors = tuple(_fetch(gm, a.target) for a in node.args[1:])
-    found = trainable_anchor(anchors)
+    anchors = tuple(fx.Interpreter(gm).fetch_attr(a.target) for a in node.args[1:])
+    found = _trainable_anchor(anchors)
     assert found is not None and found.requires_grad
     assert any(found is p for p in moa.parameters())
     for p in moa.parameters():
         p.requires_grad_(False)
-    assert trainable_anchor(anchors) is None
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    assert _trainable_anchor(anchors) is None
 
 
 @pytest.mark.parametrize("preset", slow_except(["adamole", "sparse_moa", "parallel_adapter"], ["adamole"]))
