@@ -621,8 +621,35 @@ def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def _region(block: Callable, *args: Any) -> Any:
     """A decoder block's call: ``block(*args)`` eagerly; under ``torch.compile`` a region compiled once
     and reused for every block of the same structure and input metadata. (A graph target of its own:
-    FX names the decorated function by the decorator's inner name, which it cannot import.)"""
+    FX names the decorated function by the decorator's inner name, which it cannot import.)
+
+    Blocks are inlined instead where a region call would fail: a backend without AOTAutograd
+    (``backend="eager"``: torch cannot run a region's backward outside AOTAutograd's fake tensors), and
+    ``dynamic=True`` (its floats, a dropout rate, become symbols, which a region call refuses)."""
+    if torch.compiler.is_dynamo_compiling() and not _regions_compile():
+        return block(*args)
     return _nested_region(block, *args)
+
+
+@torch.compiler.assume_constant_result
+def _regions_compile() -> bool:
+    """Whether the compile being traced can call regions: its backend runs AOTAutograd (Inductor, the
+    ``aot_*`` and ``cudagraphs`` backends, an ``aot_autograd(...)`` backend; another callable is not
+    known to) and it is not ``dynamic=True``. Read once at trace time, a constant of the compiled graph;
+    True when there is no Dynamo frame to ask (``torch.export``)."""
+    from torch._dynamo.backends.common import AotAutograd
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return True
+    if not torch._dynamo.config.assume_static_by_default:  # dynamic=True: every float a symbol
+        return False
+    wrapper = getattr(tx.output.compiler_fn, "_torchdynamo_orig_backend", tx.output.compiler_fn)
+    name = getattr(wrapper, "compiler_name", "")  # torch.compile's wrapper of a backend
+    backend = getattr(wrapper, "compiler_fn", wrapper)
+    return (type(wrapper).__name__ == "_TorchCompileInductorWrapper" or isinstance(backend, AotAutograd)
+            or name.startswith("aot_") or name == "cudagraphs")
 
 
 @torch.compiler.nested_compile_region

@@ -79,16 +79,20 @@ def test_compiled_blocks_trace_one_region_for_the_repeated_blocks(preset):
     the compiled model matches eager in eval, and trains in train mode (AdaMoLE's expert dropout
     included) with the same gradients as eager."""
     import torch._dynamo
+    from torch._dynamo.backends.common import AotAutograd
+    from torch._dynamo.backends.debugging import boxed_nop
 
     torch._dynamo.reset()
     moa = transform(tiny_model("llama", init="unit", num_hidden_layers=4), preset)
     randomize_adapters(moa, std=0.5)
     graphs = []
 
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    class Recording(AotAutograd):  # aot_eager that keeps Dynamo's graphs (an AOTAutograd backend: regions)
+        def __call__(self, gm, example_inputs, **kwargs):
+            graphs.append(gm)
+            return super().__call__(gm, example_inputs, **kwargs)
 
+    recording = Recording(fw_compiler=boxed_nop, bw_compiler=boxed_nop, keep_inference_input_mutations=True)
     compiled = torch.compile(moa, backend=recording, fullgraph=True, dynamic=False)
     ids = tokens(2, 12, seed=1)
     moa.eval()
@@ -112,3 +116,24 @@ def test_compiled_blocks_trace_one_region_for_the_repeated_blocks(preset):
     moa.zero_grad(set_to_none=True)
     moa(input_ids=ids, labels=ids).loss.backward()
     assert reached == [p.grad is not None for p in params]  # the same parameters as eager get gradients
+
+
+@pytest.mark.parametrize("backend, dynamic", [("eager", False), ("aot_eager", True)])
+def test_compiles_that_cannot_call_regions_inline_the_blocks_and_train(backend, dynamic):
+    """Where a region call would fail, the blocks are inlined and the compiled model trains: a backend
+    without AOTAutograd (torch cannot run a region's backward there: "fake_mode should be enabled for
+    HOPs"), and ``dynamic=True`` (the dropout rate becomes a float symbol, which a region refuses).
+    HydraLoRA in train mode: dropout modules inside the blocks, and three blocks sharing one region."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    moa = transform(tiny_model("llama", num_hidden_layers=3), "hydralora")
+    randomize_adapters(moa, std=0.1)
+    moa.train()
+    compiled = torch.compile(moa, backend=backend, fullgraph=True, dynamic=dynamic)
+    params = [p for p in moa.parameters() if p.requires_grad]
+    for seed, (batch, seq) in enumerate([(2, 7), (3, 5)]):
+        ids = tokens(batch, seq, seed=seed)
+        loss = compiled(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in grads)
