@@ -652,9 +652,12 @@ def _regions_compile() -> bool:
             or name.startswith("aot_") or name == "cudagraphs")
 
 
-@torch.compiler.nested_compile_region
 def _nested_region(block: Callable, *args: Any) -> Any:
     return block(*args)
+
+
+if hasattr(torch.compiler, "nested_compile_region"):  # torch >= 2.8; before it, blocks are inlined
+    _nested_region = torch.compiler.nested_compile_region(_nested_region)
 
 
 def _checkpoint(fn: Callable, *args: Any, offload: bool = False, **kwargs: Any) -> Any:
