@@ -172,7 +172,11 @@ def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, nu
     if w is None:
         return like.new_ones(like.shape[0], num)
     w2 = w.reshape(-1, w.shape[-1])
-    return w2 if cols == list(range(w2.shape[-1])) else w2[:, cols]
+    if cols == list(range(w2.shape[-1])):
+        return w2
+    if cols == list(range(cols[0], cols[0] + len(cols))):
+        return w2[:, cols[0]:cols[0] + len(cols)]
+    return torch.stack([w2[:, c] for c in cols], dim=1)  # not w2[:, cols]: a list index traces to a tensor constant
 
 
 # --- shared-input GEMMs -----------------------------------------------------------------------------

@@ -137,3 +137,44 @@ def test_compiles_that_cannot_call_regions_inline_the_blocks_and_train(backend, 
         loss = compiled(input_ids=ids, labels=ids).loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("preset", slow_except(PRESETS, ["hydralora", "sparse_moa"]))
+def test_compiled_graphs_hold_no_tensor_constants(preset):
+    """Forward and backward graphs of a compiled training step hold no lifted tensor constants (a
+    ``torch.tensor(list)`` or list index traced into the graph: the fused op's column tables, a site's
+    router columns). Inductor passes such a constant wrongly into a compile region's backward, so
+    ``torch.compile(model)`` training failed with "non-tensor input" for HydraLoRA and Sparse MoA."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    constants = []
+
+    def keep(gm, example_inputs):
+        constants.extend(n.target for n in gm.graph.nodes if n.op == "get_attr" and "_tensor_constant" in n.target)
+        return make_boxed_func(gm.forward)
+
+    moa = transform(tiny_model("llama"), preset, compile_regions=False)
+    moa.train()
+    compiled = torch.compile(moa, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    ids = tokens(2, 7, seed=0)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert not constants, constants
+
+
+@pytest.mark.slow
+def test_trainer_with_torch_compile_trains_through_the_compile_regions(tmp_path):
+    """The Hugging Face Trainer with ``torch_compile=True`` (Inductor): three HydraLoRA blocks share
+    one compile region, and training runs (it failed in the region's backward before)."""
+    from test_ecosystem import trainer
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    moa = transform(tiny_model("llama", init=0.2, num_hidden_layers=3), "hydralora")
+    before = {k: v.clone() for k, v in moa.adapter_state_dict().items()}
+    result = trainer(moa, tmp_path, torch_compile=True, max_steps=3, save_steps=100).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(v, before[k]) for k, v in moa.adapter_state_dict().items())

@@ -64,28 +64,24 @@ def column_tables(ranks: Sequence[int], scales: Sequence[float], device: torch.d
 
 def _build_tables(ranks_l: tuple[int, ...], scales_l: tuple[float, ...], device: torch.device) -> ColumnTables:
     # Built outside inference mode so that autograd may save them in later training calls.
-    # Built from Python lists only: every size is static, so tracing (torch.compile, export)
-    # sees constants and never a data-dependent size (repeat_interleave with a tensor count
-    # would make one).
+    # Built by factory ops from Python numbers, never torch.tensor(list): every size is static, so
+    # tracing (torch.compile, export) sees no data-dependent size (repeat_interleave with a tensor
+    # count would make one), and no tensor constant either (torch.tensor traces to a lifted constant,
+    # which Inductor mishandles in a compile region's backward: "non-tensor input").
     with torch.inference_mode(False), torch.no_grad():
+        def filled(values: Sequence[tuple[int, float | int]], dtype: torch.dtype) -> Tensor:
+            return torch.cat([torch.full((n,), v, dtype=dtype, device=device) for n, v in values])
+
         num_experts = len(ranks_l)
-        experts_l = [e for e, r in enumerate(ranks_l) for _ in range(r)]
-        scale_t = torch.tensor(scales_l, dtype=torch.float32)
-        col_expert = torch.tensor(experts_l, dtype=torch.int64)
-        col_scale = torch.tensor([scales_l[e] for e in experts_l], dtype=torch.float32)
-        onehot = torch.tensor([[1.0 if e == j else 0.0 for j in range(num_experts)] for e in experts_l],
-                              dtype=torch.float32)
         offsets = [0]
         for r in ranks_l:
             offsets.append(offsets[-1] + r)
-        rank_offset = torch.tensor(offsets, dtype=torch.int64)
-        return ColumnTables(
-            col_expert.to(device),
-            col_scale.to(device),
-            (onehot * scale_t).to(device),
-            rank_offset.to(device),
-            scale_t.to(device),
-        )
+        scale_t = filled([(1, s) for s in scales_l], torch.float32)
+        col_expert = filled([(r, e) for e, r in enumerate(ranks_l)], torch.int64)
+        col_scale = filled([(r, s) for r, s in zip(ranks_l, scales_l)], torch.float32)
+        onehot = (col_expert[:, None] == torch.arange(num_experts, device=device)[None, :]).to(torch.float32)
+        rank_offset = filled([(1, o) for o in offsets], torch.int64)
+        return ColumnTables(col_expert, col_scale, onehot * scale_t, rank_offset, scale_t)
 
 
 def _under_tracing_mode() -> bool:
