@@ -174,8 +174,8 @@ def site_weights(w: torch.Tensor | None, cols: list[int], like: torch.Tensor, nu
     w2 = w.reshape(-1, w.shape[-1])
     if cols == list(range(w2.shape[-1])):
         return w2
-    if cols == list(range(cols[0], cols[0] + len(cols))):
-        return w2[:, cols[0]:cols[0] + len(cols)]
+    if cols and cols == list(range(cols[0], cols[0] + len(cols))):  # a copy, as an index gives
+        return w2[:, cols[0]:cols[0] + len(cols)].contiguous()
     return torch.stack([w2[:, c] for c in cols], dim=1)  # not w2[:, cols]: a list index traces to a tensor constant
 
 
