@@ -636,16 +636,21 @@ def _regions_compile() -> bool:
     """Whether the compile being traced can call regions: its backend runs AOTAutograd (Inductor, the
     ``aot_*`` and ``cudagraphs`` backends, an ``aot_autograd(...)`` backend; another callable is not
     known to) and it is not ``dynamic=True``. Read once at trace time, a constant of the compiled graph;
-    True when there is no Dynamo frame to ask (``torch.export``)."""
-    from torch._dynamo.backends.common import AotAutograd
-    from torch._dynamo.symbolic_convert import InstructionTranslator
+    True when there is no Dynamo frame to ask (``torch.export``); False when torch's internals it reads
+    are not there (another torch version): inlining is always right."""
+    try:
+        from torch._dynamo.backends.common import AotAutograd
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    tx = InstructionTranslator.current_tx()
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):  # no current frame in this thread, or another torch
+        return False
     if tx is None:
         return True
     if not torch._dynamo.config.assume_static_by_default:  # dynamic=True: every float a symbol
         return False
-    wrapper = getattr(tx.output.compiler_fn, "_torchdynamo_orig_backend", tx.output.compiler_fn)
+    compiler_fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    wrapper = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
     name = getattr(wrapper, "compiler_name", "")  # torch.compile's wrapper of a backend
     backend = getattr(wrapper, "compiler_fn", wrapper)
     return (type(wrapper).__name__ == "_TorchCompileInductorWrapper" or isinstance(backend, AotAutograd)
