@@ -30,7 +30,7 @@ part() {  # part NAME SECONDS COMMAND...: run one part with its own limit, log t
   tail -n 25 "$OUT/$name.log"
 }
 
-part tests 120 python -m pytest -q -x -p no:cacheprovider tests/kernels -k "triton or cuda"
+part tests 120 python -m pytest -q -x -p no:cacheprovider tests/test_kernels -k "triton or cuda"
 part kernel 90 python benchmarks/bench_kernel.py --backward --json "$OUT/kernel_gpu.json"
 part step_eager 150 python benchmarks/bench_step.py --methods sparse_moa adamole --no-compile \
   --warmup 2 --steps 6 --json "$OUT/step_gpu_eager.json"

@@ -289,7 +289,7 @@ def test_budget_specs_and_config_errors():
     assert ev.budget_spec("sparse_moa").router.threshold.rule == "moa"
     tau = ev.budget_spec("sparse_moa_tau")
     assert tau.router.threshold.rule == "adamole" and tau.name == "sparse_moa_tau" and not tau.router.renormalizes
-    # the rule's math and τ's gradient: tests/methods/test_moa.py ("sparse_moa_adamole_rule", against the reference)
+    # the rule's math and τ's gradient: tests/test_methods/test_moa.py ("sparse_moa_adamole_rule", against the reference)
     assert tau.experts == ev.budget_spec("sparse_moa").experts and "sparse_moa_tau" not in ev.EvalConfig().methods
     assert set(ev.BUDGET_CHANGES) == set(ev.METHODS + ev.VARIANTS)
     for bad, match in ((dict(methods=("nope",)), "unknown method"), (dict(lrs={"nope": 1e-3}), "unknown method"),

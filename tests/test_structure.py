@@ -83,3 +83,16 @@ def test_only_the_cli_default_run_imports_the_eval_package():
     into_eval = {(e.importer, e.deferred) for e in edges
                  if e.imported.startswith("moa_fx.eval") and not e.importer.startswith("moa_fx.eval")}
     assert into_eval == {("moa_fx.cli.real_task", True)}
+
+
+def test_test_packages_cannot_shadow_importable_packages():
+    """pytest puts tests/ on sys.path, so a test package there is importable by its bare name.
+
+    A package named like a library (tests/kernels once was) shadows it for everything in the run:
+    transformers 5.25 probes the optional `kernels` package and imported ours instead, failing
+    every model build. Test packages are named test_*, which no library is.
+    """
+    packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("__init__.py"))
+    assert packages, "no test packages found: the check would pass vacuously"
+    bad = [p for p in packages if not pathlib.PurePosixPath(p).name.startswith("test_")]
+    assert not bad, f"rename these test packages to test_<name> (a bare name can shadow a library): {bad}"
