@@ -12,7 +12,9 @@ time, so only with nothing else running) and the compile phases over 0.5 s that
 
 Variants: ``floor`` (the base model's step, as bench_step's ``floor.compiled``) and
 ``<method>`` (``transform(base, method)`` lowered, then torch.compile; its train step: each decoder
-block a compile region, compiled once) and ``<method>.flat`` (``compile_regions=False``: one flat graph).
+block a compile region, compiled once), ``<method>.flat`` (``compile_regions=False``: one flat graph)
+and ``<method>.unmemoized`` (regions, but torch derives each region's schema at every call, as without
+``moa_fx/region_schema.py``: the A/B of that memo).
 
     python benchmarks/count_kernels.py --layers 2 --methods adamole sparse_moa \
         --json benchmarks/results/kernels_cpu_2l.json
@@ -51,8 +53,12 @@ def _step(variant: str, base, ids, backend):
         compiled = torch.compile(base, backend=backend, dynamic=False)
         step = common.floor_step(base, ids)
         return lambda: step(compiled)
-    method, _, flat = variant.partition(".")  # "<method>.flat": compile_regions=False
-    moa, _ = common.make_moa(base, method, "auto", regions=flat != "flat")
+    method, _, suffix = variant.partition(".")  # "<method>.flat": compile_regions=False
+    if suffix == "unmemoized":  # torch's region schema re-derived at every call, as without moa_fx.region_schema
+        from moa_fx import region_schema
+
+        region_schema.install = lambda: False
+    moa, _ = common.make_moa(base, method, "auto", regions=suffix != "flat")
     moa.train()
     params = [p for p in moa.parameters() if p.requires_grad]
     return common.train_step(torch.compile(moa, backend=backend, dynamic=False), ids, params)

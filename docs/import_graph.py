@@ -45,7 +45,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kinds", ("moa_fx.kinds", "moa_fx.kinds.*")),
     ("sites", ("moa_fx.sites", "moa_fx.sites.*")),
     ("passes", ("moa_fx.passes", "moa_fx.passes.*")),
-    ("runtime", ("moa_fx.runtime", "moa_fx.runtime.*", "moa_fx.derive", "moa_fx.inputs", "moa_fx.kv_cache",
+    ("runtime", ("moa_fx.runtime", "moa_fx.runtime.*", "moa_fx.derive", "moa_fx.region_schema", "moa_fx.inputs", "moa_fx.kv_cache",
                  "moa_fx.adapter_files", "moa_fx.peft_lora", "moa_fx.graph_export",
                  "moa_fx.train", "moa_fx.train.*", "moa_fx.data", "moa_fx.data.*")),
     ("cli and eval", ("moa_fx.cli", "moa_fx.cli.*", "moa_fx.eval", "moa_fx.eval.*")),

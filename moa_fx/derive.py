@@ -53,6 +53,7 @@ from .capture import Captured, capture
 from .errors import MoaFxError, PassError
 from .ops import seed_at
 from .graph import CACHE_KEY, EXTRAS_KEY, PROVENANCE_KEY, module_paths
+from . import region_schema
 from .passes import PassContext, pipeline, run_pipeline
 from .sites import find_sites
 from .spec import Spec
@@ -653,8 +654,11 @@ def _regions_compile() -> bool:
     wrapper = getattr(compiler_fn, "_torchdynamo_orig_backend", compiler_fn)
     name = getattr(wrapper, "compiler_name", "")  # torch.compile's wrapper of a backend
     backend = getattr(wrapper, "compiler_fn", wrapper)
-    return (type(wrapper).__name__ == "_TorchCompileInductorWrapper" or isinstance(backend, AotAutograd)
-            or name.startswith("aot_") or name == "cudagraphs")
+    regions = (type(wrapper).__name__ == "_TorchCompileInductorWrapper" or isinstance(backend, AotAutograd)
+               or name.startswith("aot_") or name == "cudagraphs")
+    if regions:  # each region's schema derived once, not at every call (moa_fx/region_schema.py)
+        region_schema.install()
+    return regions
 
 
 def _nested_region(block: Callable, *args: Any) -> Any:

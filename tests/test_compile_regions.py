@@ -118,6 +118,81 @@ def test_compiled_blocks_trace_one_region_for_the_repeated_blocks(preset):
     assert reached == [p.grad is not None for p in params]  # the same parameters as eager get gradients
 
 
+def _compiled_step_schema_derivations(monkeypatch, memo: bool):
+    """Train-mode AdaMoLE, four blocks in one region, compiled through AOTAutograd (eager kernels): how
+    many times torch derived a region's graph for its schema, and the gradients."""
+    import torch._dynamo
+    import torch._higher_order_ops.utils as hop_utils
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
+    from moa_fx import region_schema
+
+    derivations = []
+    materialize = hop_utils.materialize_as_graph
+    monkeypatch.setattr(hop_utils, "materialize_as_graph", lambda *a, **k: derivations.append(1) or materialize(*a, **k))
+    if not memo:
+        monkeypatch.setattr(region_schema, "install", lambda: False)
+        if "gen_schema" in vars(invoke_subgraph):
+            monkeypatch.delattr(invoke_subgraph, "gen_schema")
+    torch._dynamo.reset()
+    moa = transform(tiny_model("llama", init="unit", num_hidden_layers=4), "adamole")
+    randomize_adapters(moa, std=0.5)
+    moa.train()
+    compiled = torch.compile(moa, backend=aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop),
+                             fullgraph=True, dynamic=False)
+    ids = tokens(2, 12, seed=1)
+    params = [p for p in moa.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    grads = torch.autograd.grad(compiled(input_ids=ids, labels=ids).loss, params, allow_unused=True)
+    return len(derivations), grads
+
+
+def test_region_schemas_are_derived_once_not_at_every_block(monkeypatch):
+    """torch derives a region's schema (a re-trace of its whole body) at every region call of a
+    training compile, to refuse input mutation; moa_fx.region_schema memoizes it per graph and input
+    metadata, so four blocks cost as many derivations as one. The compiled gradients are the same."""
+    with monkeypatch.context() as plain:
+        unmemoized, plain_grads = _compiled_step_schema_derivations(plain, memo=False)
+    memoized, grads = _compiled_step_schema_derivations(monkeypatch, memo=True)
+    # torch 2.13: 10 (4 calls x 2 AOTAutograd passes, + 2 for functionalization) against 3
+    assert memoized <= unmemoized - 6, (memoized, unmemoized)
+    for a, b in zip(grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_region_schema_memo_keys_on_graph_and_concrete_metadata():
+    """The memo answers what torch answered for the same region graph and operand metadata, computes
+    again for other metadata (shape, dtype, requires_grad, an int's value) or another graph, and does
+    not memoize symbolic sizes."""
+    import torch.fx as fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moa_fx.region_schema import memoized
+
+    calls = []
+    memo = memoized(lambda gm, ident, *ops: calls.append((gm, ident, ops)) or len(calls))
+    gm = fx.symbolic_trace(torch.nn.Linear(3, 3))
+    other = fx.symbolic_trace(torch.nn.Linear(3, 3))
+    x = torch.randn(2, 3)
+    assert memo(gm, "r", x, 1) == memo(gm, "r", torch.randn(2, 3), 1) == 1
+    assert memo(gm, "r", x.double(), 1) == 2
+    assert memo(gm, "r", torch.randn(4, 3), 1) == 3
+    assert memo(gm, "r", x.requires_grad_(), 1) == 4
+    assert memo(gm, "r", x, 2) == 5
+    assert memo(other, "r", x, 2) == 6
+    assert memo(gm, "s", x, 2) == 7
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        sym = mode.from_tensor(torch.randn(5, 3), symbolic_context=None)
+    dynamic = mode.shape_env.create_unbacked_symint()
+    assert memo(gm, "r", sym, dynamic) == 8 and memo(gm, "r", sym, dynamic) == 9  # a symbol: computed each time
+    assert len(calls) == 9
+
+
 @pytest.mark.parametrize("backend, dynamic", [("eager", False), ("aot_eager", True)])
 def test_compiles_that_cannot_call_regions_inline_the_blocks_and_train(backend, dynamic):
     """Where a region call would fail, the blocks are inlined and the compiled model trains: a backend
