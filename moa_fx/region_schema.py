@@ -12,7 +12,9 @@ for its functionalization (per compile); this caches it for the autograd check t
 The memo returns what torch computes: the schema is a function of the region's graph and of its
 operands' kinds and metadata, which make up the key; the first call of every key runs torch's own
 derivation, so a region that mutates an input is refused as before. Operands whose metadata is not
-concrete (symbolic sizes) are not memoized. Entries live as long as the region's graph module.
+concrete (symbolic sizes) are not memoized. Entries live as long as the region's graph module, and
+are keyed by its graph's identity and length (a graph edited in place to the same length would be missed;
+nothing edits a region's graph while AOTAutograd traces it).
 
 :func:`install` puts the memo on torch's ``invoke_subgraph`` operator (an instance attribute: its class
 is untouched); it is called the first time a moa-fx compile region is traced, idempotent, and a no-op
@@ -55,11 +57,11 @@ def memoized(original: Callable[..., Any]) -> Callable[..., Any]:
     its graph's identity and length) and :func:`schema_key`."""
     memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def gen_schema(subgraph: Any, identifier: Any, *operands: Any) -> Any:
+    def gen_schema(subgraph: Any, identifier: Any, *operands: Any, **kwargs: Any) -> Any:
         key = schema_key(identifier, operands)
         graph = getattr(subgraph, "graph", None)
-        if key is None or not isinstance(graph, torch.fx.Graph):
-            return original(subgraph, identifier, *operands)
+        if key is None or kwargs or not isinstance(graph, torch.fx.Graph):
+            return original(subgraph, identifier, *operands, **kwargs)
         key = (id(graph), len(graph.nodes), key)
         try:
             per_subgraph = memo.setdefault(subgraph, {})
