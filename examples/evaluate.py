@@ -16,6 +16,7 @@ run already in it is not repeated, so a stopped evaluation continues where it st
     python examples/evaluate.py --out runs/eval --recipes runs/sweep/recipes.json
     python examples/evaluate.py --quick --out /tmp/eval-quick        # smoke version, ~1 minute, no assets
     python examples/evaluate.py --out runs/eval --report-only        # rewrite the report from results.json
+    python examples/evaluate.py --out runs/all --combine runs/a,runs/b  # one report over several evaluations
 
 ``--tasks`` takes settings: a task name is trained and scored alone, ``a+b+c`` is a mixture. The real
 assets are fetched into ~/.cache/moa-fx on first use (ASSETS.md). On a GPU (``--device auto``) runs use
@@ -64,6 +65,33 @@ def _lrs(text: str) -> dict[str, float]:
     return out
 
 
+def _combine(dirs: list[str], out: pathlib.Path) -> int:
+    """``--combine``: the report over several results folders, written in ``out`` (never one of them)."""
+    try:
+        if any(pathlib.Path(d).resolve() == out.resolve() for d in dirs):
+            raise InputError(f"--out {out} is one of the folders combined; give another --out, so that "
+                             "its own report stays as it is")
+        parts = []
+        for d in dirs:
+            path = pathlib.Path(d) / "results.json"
+            try:
+                parts.append((d, json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise InputError(f"{path} is not a readable evaluation results file ({err})") from None
+            if not isinstance(parts[-1][1], dict) or "config" not in parts[-1][1] or "runs" not in parts[-1][1]:
+                raise InputError(f"{path} is not an evaluation results file (no config and runs)")
+        results = report.combine(parts)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "combined.json", results)
+    paths = report.write_report(results, out)
+    print(report.markdown_report(results).split("### Parameter budgets")[0])
+    print(f"wrote {', '.join(str(p) for p in [out / 'combined.json', *paths.values()])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -104,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke version: tiny random model, synthetic tasks, no assets (~1 minute)")
     parser.add_argument("--log", default=None, help="also append progress lines to this file")
     parser.add_argument("--report-only", action="store_true", help="write the report from OUT/results.json")
+    parser.add_argument("--combine", type=_list, default=None, metavar="DIR,DIR,...",
+                        help="write one report in OUT over these evaluations' results.json (same run settings): "
+                             "every run, the claims pooled over all their settings; OUT/combined.json holds them")
     args = parser.parse_args(argv)
+    if args.combine is not None:
+        return _combine(args.combine, pathlib.Path(args.out))
 
     overrides = {}
     for key, value in (("methods", args.methods), ("settings", args.tasks), ("steps", args.steps),

@@ -205,6 +205,50 @@ def test_best_lrs_and_the_claims_follow_the_numbers():
     assert rows[("lora", 2e-3)]["vs_lora"] is None and rows[("sparse_moa", 1e-3)]["vs_lora"]["delta"] < 0
 
 
+def test_combined_evaluations_pool_the_claims_over_their_settings(tmp_path, monkeypatch, capsys):
+    """Two evaluations on different tasks, combined: one report whose single-task claims pool both
+    (the pooled Δ is the mean of the two tasks'); refused when run settings differ, a run is in both,
+    or a task's zero-shot differs; the CLI writes the report in a folder of its own."""
+    lora = [1, 0] * 20
+    a = _fake_results({("lora", 2e-3): lora, ("adamole", 2e-3): [1] * 24 + [1, 0] * 8}, settings=("a",))
+    b = _fake_results({("lora", 2e-3): lora, ("adamole", 2e-3): [1] * 32 + [1, 0] * 4}, settings=("b",))
+    claim = "AdaMoLE beats LoRA (single tasks)"
+    alone = [next(c for c in report.claims(r) if c["claim"] == claim)["test"]["delta"] for r in (a, b)]
+    assert alone == [pytest.approx(0.3), pytest.approx(0.4)]
+    combined = report.combine([("A", a), ("B", b)])
+    assert combined["config"]["settings"] == ["a", "b"] and len(combined["runs"]) == 12
+    pooled = next(c for c in report.claims(combined) if c["claim"] == claim)["test"]
+    assert pooled["delta"] == pytest.approx(0.35) and pooled["seeds"] == 3
+    other = {**b, "config": {**b["config"], "steps": 100}}
+    with pytest.raises(InputError, match="steps None in A, 100 in B"):
+        report.combine([("A", a), ("B", other)])
+    with pytest.raises(InputError, match="in both A and A2"):
+        report.combine([("A", a), ("A2", a)])
+    shifted = {**b, "zero_shot": {**b["zero_shot"], "a": {**b["zero_shot"]["a"], "correct": [0, 1] * 20}}}
+    with pytest.raises(InputError, match="scored 'a' zero-shot differently"):
+        report.combine([("A", a), ("B", shifted)])
+
+    script = str(ROOT / "examples" / "evaluate.py")
+    for name, results in (("A", a), ("B", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results), encoding="utf-8")
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(script, run_name="__main__")
+        return exit_info.value.code
+
+    both = f"{tmp_path / 'A'},{tmp_path / 'B'}"
+    assert run("--combine", both, "--out", str(tmp_path / "all")) == 0
+    assert len(json.loads((tmp_path / "all" / "combined.json").read_text(encoding="utf-8"))["runs"]) == 12
+    assert "| b | adamole |" in (tmp_path / "all" / "results.md").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert run("--combine", both, "--out", str(tmp_path / "A")) == 2
+    assert "one of the folders combined" in capsys.readouterr().err
+    assert not (tmp_path / "A" / "results.md").exists()
+
+
 def test_cli_sweep_writes_recipes_then_the_evaluation_reads_them(tmp_path, monkeypatch, capsys):
     script = str(ROOT / "examples" / "evaluate.py")
 

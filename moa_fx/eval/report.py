@@ -6,6 +6,8 @@ Map:
   zero-shot and against ``lora`` with a paired bootstrap (:func:`paired_bootstrap`), step time, peak
   memory, active experts per layer; plus a zero-shot row per setting.
 - :func:`best_lrs` -- each method's learning rate with the best mean accuracy in a sweep.
+- :func:`combine` -- one results dict from several evaluations made under the same run settings, so
+  that one report pools the claims over all their settings.
 - :func:`claims` -- the papers' claims, each supported or not by the numbers.
 - :func:`markdown_report`, :func:`terminal_chart`, :func:`write_report` -- the tables, the text chart
   of active experts per layer, and the files (JSON, Markdown, and PNGs via matplotlib when installed:
@@ -28,7 +30,8 @@ from typing import Any
 
 import torch
 
-from moa_fx.eval.evaluate import BUDGET_CHANGES, parse_setting
+from moa_fx.errors import InputError
+from moa_fx.eval.evaluate import BUDGET_CHANGES, EvalConfig, parse_setting
 from moa_fx.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["TABLE_COLUMNS", "summarize", "paired_bootstrap", "best_lrs", "claims", "markdown_report",
@@ -231,6 +234,43 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _best_runs(results: dict[str, Any], setting: str, method: str) -> list[dict[str, Any]]:
     candidates = [g[3] for g in _groups(results) if g[0] == setting and g[1] == method]
     return max(candidates, key=lambda rs: _mean_std([r["mean_accuracy"] for r in rs])[0]) if candidates else []
+
+
+def combine(parts: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One results dict from several evaluations' ``(name, results)``: every run and zero-shot score,
+    the union of their methods, settings and seeds, for one report whose claims pool all the settings.
+
+    Refused (naming the parts): run settings that differ (``EvalConfig.RUN_FIELDS``: the runs would
+    not be comparable), one run in two parts, or one task's zero-shot scored differently."""
+    if not parts:
+        raise InputError("combine: no results to combine; give two or more results folders")
+    first_name, first = parts[0]
+    fields = EvalConfig.RUN_FIELDS
+    runs, zero, seen = [], {}, {}
+    union = {"methods": [], "settings": [], "seeds": []}
+    for name, results in parts:
+        cfg = results["config"]
+        differ = [f for f in fields if cfg.get(f) != first["config"].get(f)]
+        if differ:
+            said = ", ".join(f"{f} {first['config'].get(f)!r} in {first_name}, {cfg.get(f)!r} in {name}" for f in differ)
+            raise InputError(f"combine: {name} was run with other settings ({said}); its runs are not comparable")
+        for run in results["runs"]:
+            key = (run["method"], run["setting"], run["seed"], run["lr"])
+            if key in seen:
+                raise InputError(f"combine: the run {key} is in both {seen[key]} and {name}; keep it in one of them")
+            seen[key] = name
+            runs.append(run)
+        for task, score in results.get("zero_shot", {}).items():
+            if task in zero and zero[task][1]["correct"] != score["correct"]:
+                raise InputError(f"combine: {zero[task][0]} and {name} scored {task!r} zero-shot differently; "
+                                 "they were not made on the same examples")
+            zero.setdefault(task, (name, score))
+        for key in union:
+            union[key] += [v for v in cfg.get(key, []) if v not in union[key]]
+    config = {**first["config"], **union}
+    return {"runs": runs, "zero_shot": {t: score for t, (_, score) in zero.items()}, "config": config,
+            "command": "; ".join(str(r.get("command")) for _, r in parts), "parts": [n for n, _ in parts],
+            "failures": [f for _, r in parts for f in r.get("failures", [])]}
 
 
 # --------------------------------------------------------------------------------------------------
