@@ -65,12 +65,15 @@ def _lrs(text: str) -> dict[str, float]:
     return out
 
 
-def _combine(dirs: list[str], out: pathlib.Path) -> int:
-    """``--combine``: the report over several results folders, written in ``out`` (never one of them)."""
+def _combine(dirs: list[str], out_given: str | None) -> int:
+    """``--combine``: the report over several results folders, written in ``--out`` (never an evaluation's)."""
+    out = pathlib.Path(out_given or ".")
     try:
-        if any(pathlib.Path(d).resolve() == out.resolve() for d in dirs):
-            raise InputError(f"--out {out} is one of the folders combined; give another --out, so that "
-                             "its own report stays as it is")
+        if out_given is None:
+            raise InputError("--combine needs --out: the folder for the combined report (a new one)")
+        if any(pathlib.Path(d).resolve() == out.resolve() for d in dirs) or (out / "results.json").exists():
+            raise InputError(f"--out {out} holds an evaluation (it is one of the folders combined, or has a "
+                             "results.json); give a folder of its own, so that no evaluation's report is overwritten")
         parts = []
         for d in dirs:
             path = pathlib.Path(d) / "results.json"
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/eval", help="folder of results.json (resumed), results.md, the charts")
+    parser.add_argument("--out", default=None,
+                        help="folder of results.json (resumed), results.md, the charts (default runs/eval)")
     parser.add_argument("--methods", type=_list, default=None,
                         help=f"comma list from {','.join(ev.METHODS)} (the default) "
                              f"and the variants {','.join(ev.VARIANTS)}")
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                              "every run, the claims pooled over all their settings; OUT/combined.json holds them")
     args = parser.parse_args(argv)
     if args.combine is not None:
-        return _combine(args.combine, pathlib.Path(args.out))
+        return _combine(args.combine, args.out)
+    args.out = args.out or "runs/eval"
 
     overrides = {}
     for key, value in (("methods", args.methods), ("settings", args.tasks), ("steps", args.steps),

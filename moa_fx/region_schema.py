@@ -12,9 +12,11 @@ for its functionalization (per compile); this caches it for the autograd check t
 The memo returns what torch computes: the schema is a function of the region's graph and of its
 operands' kinds and metadata, which make up the key; the first call of every key runs torch's own
 derivation, so a region that mutates an input is refused as before. Operands whose metadata is not
-concrete (symbolic sizes) are not memoized. Entries live as long as the region's graph module, and
-are keyed by its graph's identity and length (a graph edited in place to the same length would be missed;
-nothing edits a region's graph while AOTAutograd traces it).
+concrete (symbolic sizes) are not memoized. Entries live as long as the region's graph module and its
+graph object, and are keyed by the graph's nodes (name, op, target), so a pass that edits the graph
+meets a new entry. What torch's derivation reads besides the graph and the operands (the tracer's
+decompositions, dispatch state) is the same at every call of one compile, which is where the calls
+repeat.
 
 :func:`install` puts the memo on torch's ``invoke_subgraph`` operator (an instance attribute: its class
 is untouched); it is called the first time a moa-fx compile region is traced, idempotent, and a no-op
@@ -52,9 +54,15 @@ def schema_key(identifier: Any, operands: tuple[Any, ...]) -> tuple | None:
     return (identifier, keys)
 
 
+def graph_fingerprint(graph: torch.fx.Graph) -> tuple:
+    """Each node's name, op and target, in order: what changes when a pass edits the graph."""
+    return tuple((n.name, n.op, n.target if isinstance(n.target, str) else id(n.target)) for n in graph.nodes)
+
+
 def memoized(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``original(subgraph, identifier, *operands)``, computed once per subgraph (weakly held, with
-    its graph's identity and length) and :func:`schema_key`."""
+    """``original(subgraph, identifier, *operands)``, computed once per (subgraph, its graph object,
+    that graph's :func:`graph_fingerprint`, :func:`schema_key`); subgraph and graph weakly held, so an
+    entry dies with them and a new object never meets an old entry."""
     memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def gen_schema(subgraph: Any, identifier: Any, *operands: Any, **kwargs: Any) -> Any:
@@ -62,14 +70,14 @@ def memoized(original: Callable[..., Any]) -> Callable[..., Any]:
         graph = getattr(subgraph, "graph", None)
         if key is None or kwargs or not isinstance(graph, torch.fx.Graph):
             return original(subgraph, identifier, *operands, **kwargs)
-        key = (id(graph), len(graph.nodes), key)
         try:
-            per_subgraph = memo.setdefault(subgraph, {})
+            per_graph = memo.setdefault(subgraph, weakref.WeakKeyDictionary()).setdefault(graph, {})
         except TypeError:  # not weakly referenceable
             return original(subgraph, identifier, *operands)
-        if key not in per_subgraph:
-            per_subgraph[key] = original(subgraph, identifier, *operands)
-        return per_subgraph[key]
+        key = (graph_fingerprint(graph), key)
+        if key not in per_graph:
+            per_graph[key] = original(subgraph, identifier, *operands)
+        return per_graph[key]
 
     setattr(gen_schema, _MARK, True)
     gen_schema.cache = memo  # type: ignore[attr-defined]  (for tests: the entries)

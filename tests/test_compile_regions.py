@@ -191,6 +191,16 @@ def test_region_schema_memo_keys_on_graph_and_concrete_metadata():
     dynamic = mode.shape_env.create_unbacked_symint()
     assert memo(gm, "r", sym, dynamic) == 8 and memo(gm, "r", sym, dynamic) == 9  # a symbol: computed each time
     assert len(calls) == 9
+    # the region's graph edited in place (a node's target changed), or replaced by another graph object
+    # of the same nodes: computed again, never the old answer
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" or n.op == "call_module")
+    assert memo(gm, "r", x, 2) == 5  # as before the edit
+    node.target = "weight" if node.op == "call_module" else torch.ops.aten.mul.Tensor
+    assert memo(gm, "r", x, 2) == 10
+    copy = fx.Graph()
+    copy.graph_copy(gm.graph, {})
+    gm.graph = copy
+    assert memo(gm, "r", x, 2) == 11 and len(calls) == 11
 
 
 @pytest.mark.parametrize("backend, dynamic", [("eager", False), ("aot_eager", True)])

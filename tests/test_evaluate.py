@@ -224,6 +224,12 @@ def test_combined_evaluations_pool_the_claims_over_their_settings(tmp_path, monk
         report.combine([("A", a), ("B", other)])
     with pytest.raises(InputError, match="in both A and A2"):
         report.combine([("A", a), ("A2", a)])
+    bf16 = {**b, "config": {**b["config"], "precision": "bf16"}}
+    with pytest.raises(InputError, match="precision None in A, 'bf16' in B"):
+        report.combine([("A", a), ("B", bf16)])
+    two_at_once = {**b, "config": {**b["config"], "workers": 2}}
+    caption = report.markdown_report(report.combine([("A", a), ("B", two_at_once)]))
+    assert "by folder: A: 1, B: 2" in caption
     shifted = {**b, "zero_shot": {**b["zero_shot"], "a": {**b["zero_shot"]["a"], "correct": [0, 1] * 20}}}
     with pytest.raises(InputError, match="scored 'a' zero-shot differently"):
         report.combine([("A", a), ("B", shifted)])
@@ -245,8 +251,13 @@ def test_combined_evaluations_pool_the_claims_over_their_settings(tmp_path, monk
     assert "| b | adamole |" in (tmp_path / "all" / "results.md").read_text(encoding="utf-8")
     capsys.readouterr()
     assert run("--combine", both, "--out", str(tmp_path / "A")) == 2
-    assert "one of the folders combined" in capsys.readouterr().err
-    assert not (tmp_path / "A" / "results.md").exists()
+    assert "holds an evaluation" in capsys.readouterr().err
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "results.json").write_text("{}", encoding="utf-8")
+    assert run("--combine", both, "--out", str(tmp_path / "C")) == 2  # another evaluation's folder
+    assert run("--combine", both) == 2  # no --out: not the default evaluation folder
+    assert "--combine needs --out" in capsys.readouterr().err
+    assert not (tmp_path / "A" / "results.md").exists() and not (tmp_path / "C" / "results.md").exists()
 
 
 def test_cli_sweep_writes_recipes_then_the_evaluation_reads_them(tmp_path, monkeypatch, capsys):

@@ -236,23 +236,32 @@ def _best_runs(results: dict[str, Any], setting: str, method: str) -> list[dict[
     return max(candidates, key=lambda rs: _mean_std([r["mean_accuracy"] for r in rs])[0]) if candidates else []
 
 
+# config fields a combined report needs equal in every part besides EvalConfig.RUN_FIELDS: what the runs
+# ran on (device, precision; "machine_device" is the device "auto" resolved to) and how peak RSS was taken
+COMBINE_SAME = ("device", "precision", "machine_device", "isolate")
+
+
 def combine(parts: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """One results dict from several evaluations' ``(name, results)``: every run and zero-shot score,
     the union of their methods, settings and seeds, for one report whose claims pool all the settings.
 
-    Refused (naming the parts): run settings that differ (``EvalConfig.RUN_FIELDS``: the runs would
-    not be comparable), one run in two parts, or one task's zero-shot scored differently."""
+    Refused (naming the parts): run settings that differ (``EvalConfig.RUN_FIELDS`` and
+    :data:`COMBINE_SAME`, the device and precision runs used and how peak memory was taken: the runs
+    or the columns would not be comparable), one run in two parts, or one task's zero-shot scored
+    differently. Parts run with different ``workers`` keep theirs in ``config["workers_by_part"]``,
+    which the report's caption names."""
     if not parts:
         raise InputError("combine: no results to combine; give two or more results folders")
     first_name, first = parts[0]
-    fields = EvalConfig.RUN_FIELDS
+    fields = (*EvalConfig.RUN_FIELDS, *COMBINE_SAME)
     runs, zero, seen = [], {}, {}
     union = {"methods": [], "settings": [], "seeds": []}
     for name, results in parts:
-        cfg = results["config"]
-        differ = [f for f in fields if cfg.get(f) != first["config"].get(f)]
+        cfg = {**results["config"], "machine_device": results.get("machine", {}).get("device")}
+        first_cfg = {**first["config"], "machine_device": first.get("machine", {}).get("device")}
+        differ = [f for f in fields if cfg.get(f) != first_cfg.get(f)]
         if differ:
-            said = ", ".join(f"{f} {first['config'].get(f)!r} in {first_name}, {cfg.get(f)!r} in {name}" for f in differ)
+            said = ", ".join(f"{f} {first_cfg.get(f)!r} in {first_name}, {cfg.get(f)!r} in {name}" for f in differ)
             raise InputError(f"combine: {name} was run with other settings ({said}); its runs are not comparable")
         for run in results["runs"]:
             key = (run["method"], run["setting"], run["seed"], run["lr"])
@@ -261,6 +270,8 @@ def combine(parts: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             seen[key] = name
             runs.append(run)
         for task, score in results.get("zero_shot", {}).items():
+            if not isinstance(score, dict) or "correct" not in score:
+                raise InputError(f"combine: {name}'s zero-shot score of {task!r} has no per-example results")
             if task in zero and zero[task][1]["correct"] != score["correct"]:
                 raise InputError(f"combine: {zero[task][0]} and {name} scored {task!r} zero-shot differently; "
                                  "they were not made on the same examples")
@@ -268,8 +279,13 @@ def combine(parts: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         for key in union:
             union[key] += [v for v in cfg.get(key, []) if v not in union[key]]
     config = {**first["config"], **union}
+    workers = {name: r["config"].get("workers", 1) for name, r in parts}
+    if len(set(workers.values())) > 1:
+        config["workers"] = max(workers.values())
+        config["workers_by_part"] = workers
     return {"runs": runs, "zero_shot": {t: score for t, (_, score) in zero.items()}, "config": config,
             "command": "; ".join(str(r.get("command")) for _, r in parts), "parts": [n for n, _ in parts],
+            "machines": {n: r.get("machine") for n, r in parts},
             "failures": [f for _, r in parts for f in r.get("failures", [])]}
 
 
@@ -300,6 +316,17 @@ def _table_cells(row: dict[str, Any]) -> list[str]:
             _fmt(row["peak_rss_mb"], ".0f"), active]
 
 
+def _workers_caption(cfg: dict[str, Any]) -> str:
+    by_part = cfg.get("workers_by_part")
+    if by_part:  # a combined report: say which folders ran several at once
+        said = ", ".join(f"{name}: {n}" for name, n in by_part.items())
+        return (f". Runs at once (`--workers`) by folder: {said}; the step times of folders with more than one "
+                "include their contention for the cores, so they compare only within a folder")
+    if cfg.get("workers", 1) > 1:
+        return f". {cfg['workers']} runs ran at once (`--workers`), so step times include their contention for the cores"
+    return ""
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """The Markdown: the main table, the claims, per-task accuracies of mixtures, budgets, data, setup."""
     rows = summarize(results)
@@ -315,8 +342,7 @@ def markdown_report(results: dict[str, Any]) -> str:
             "`resource.getrusage` maximum resident set of the process that ran the run (max over seeds)"
             + (" (one fresh process per run; the loaded base model included)" if cfg["isolate"] else
                " (one process for everything: cumulative, not per method)")
-            + (f". {cfg['workers']} runs ran at once (`--workers`), so step times include their contention for "
-               "the cores" if cfg.get("workers", 1) > 1 else "")
+            + _workers_caption(cfg)
             + ". Active experts / token: mean over layers (and over a layer's routers) of the experts selected "
             "per token, on held-out prompts + answers without padding, out of E per router.", ""]
     verdicts = claims(results)
