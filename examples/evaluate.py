@@ -83,7 +83,11 @@ def _combine(dirs: list[str], out_given: str | None) -> int:
                 raise InputError(f"{path} is not a readable evaluation results file ({err})") from None
             if not isinstance(parts[-1][1], dict) or "config" not in parts[-1][1] or "runs" not in parts[-1][1]:
                 raise InputError(f"{path} is not an evaluation results file (no config and runs)")
-        results = report.combine(parts)
+        try:
+            results = report.combine(parts)
+        except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or truncated file
+            raise InputError(f"a results.json among {', '.join(dirs)} is malformed (missing or wrong field: {err}); "
+                             "rewrite it with --report-only from its evaluation, or leave that folder out") from None
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -258,6 +258,11 @@ def test_combined_evaluations_pool_the_claims_over_their_settings(tmp_path, monk
     assert run("--combine", both) == 2  # no --out: not the default evaluation folder
     assert "--combine needs --out" in capsys.readouterr().err
     assert not (tmp_path / "A" / "results.md").exists() and not (tmp_path / "C" / "results.md").exists()
+    (tmp_path / "D").mkdir()
+    (tmp_path / "D" / "results.json").write_text(json.dumps({"config": a["config"], "runs": [{"seed": 0}]}), encoding="utf-8")
+    capsys.readouterr()
+    assert run("--combine", f"{both},{tmp_path / 'D'}", "--out", str(tmp_path / "all2")) == 2
+    assert "is malformed" in capsys.readouterr().err
 
 
 def test_cli_sweep_writes_recipes_then_the_evaluation_reads_them(tmp_path, monkeypatch, capsys):
