@@ -108,6 +108,13 @@ def test_a_stopped_evaluation_resumes_without_repeating_runs_and_refuses_other_s
     assert second["runs"][0] == as_saved["runs"][0] and second["zero_shot"] == as_saved["zero_shot"]
     saved = json.loads(out.read_text(encoding="utf-8"))["runs"]
     assert [ev.run_key(r) for r in saved] == [("lora", "parity", 0, 5e-3), ("sparse_moa", "parity", 0, 5e-3)]
+    # each run records the libraries it ran under, so a folder resumed after an upgrade says it mixes them
+    assert [r["versions"] for r in saved] == [ev.library_versions()] * 2
+    saved[0]["versions"] = {"torch": "2.0.0", "transformers": "4.0.0"}
+    del saved[1]["versions"]  # a run from before versions were recorded
+    markdown = report.markdown_report({**second, "runs": saved})
+    assert ("Library versions by run: torch 2.0.0, transformers 4.0.0: 1 run; "
+            "not recorded (runs before per-run versions): 1 run.") in markdown
     with pytest.raises(InputError, match=r"other settings \(steps 2 → 3\)"):
         ev.run_evaluation(ev.quick_config(methods=("lora",), settings=("parity",), **{**SMALL, "steps": 3}), out)
     out.write_text("[1, 2]", encoding="utf-8")

@@ -552,7 +552,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         "losses": [round(x, 5) for x in losses], "active": active, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
-        "device": str(device), "loadavg_at_start": loadavg,
+        "device": str(device), "loadavg_at_start": loadavg, "versions": library_versions(),
     }
 
 
@@ -775,16 +775,21 @@ class _Progress:
         self.log(f"[{self.done}/{self.total}] {message} · {elapsed / 60:.1f} min, about {left / 60:.0f} min left")
 
 
-def _machine(cfg: EvalConfig) -> dict[str, Any]:
+def library_versions() -> dict[str, str]:
+    """The libraries a run's numbers depend on, recorded per run: a folder resumed under newer ones says so."""
     import transformers
 
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _machine(cfg: EvalConfig) -> dict[str, Any]:
     try:
         load = os.getloadavg()
     except OSError:  # pragma: no cover
         load = None
     device = _device(cfg)
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "threads": cfg.threads,
+    return {"platform": platform.platform(), "python": platform.python_version(), **library_versions(),
+            "cpu_count": os.cpu_count(), "threads": cfg.threads,
             "workers": cfg.workers,
             "processor": platform.processor() or platform.machine(), "loadavg_at_start": load,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}

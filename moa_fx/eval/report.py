@@ -327,6 +327,17 @@ def _workers_caption(cfg: dict[str, Any]) -> str:
     return ""
 
 
+def _versions_line(results: dict[str, Any]) -> str:
+    """How many runs ran under which torch / transformers: a folder resumed after an upgrade mixes them."""
+    counts: dict[str, int] = {}
+    for run in results.get("runs", []):
+        v = run.get("versions")
+        key = f"torch {v['torch']}, transformers {v['transformers']}" if v else "not recorded (runs before per-run versions)"
+        counts[key] = counts.get(key, 0) + 1
+    said = "; ".join(f"{key}: {n} run{'s' * (n != 1)}" for key, n in counts.items())
+    return f"Library versions by run: {said or 'no runs'}."
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """The Markdown: the main table, the claims, per-task accuracies of mixtures, budgets, data, setup."""
     rows = summarize(results)
@@ -380,7 +391,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         out.append("")
     if results.get("failures"):
         out += ["### Failures", ""] + [f"- {f}" for f in results["failures"]] + [""]
-    out += ["### Setup", "", f"Command: `{results.get('command')}`", "", "```json",
+    out += ["### Setup", "", f"Command: `{results.get('command')}`", "", _versions_line(results), "", "```json",
             json.dumps(cfg, indent=1), "```", ""]
     return "\n".join(out)
 
