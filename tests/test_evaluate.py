@@ -51,10 +51,18 @@ def _check_report(results: dict, out: pathlib.Path, methods, settings) -> None:
         else:  # every routed method reports a per-layer count between 0 and E
             active = run["active"]
             assert active["per_layer"] and 0.0 <= active["mean"] <= active["experts"]
+        # the routers are measured before training too, with the same fields; τ only where a rule has one
+        start, end = run["active_start"], run["active"]
+        assert set(start) == set(end) and (start == {}) == (run["method"] == "lora")
+        assert ("threshold_per_layer" in end) == (run["method"] in ("adamole", "sparse_moa")), run["method"]
+        if end:
+            assert 0.0 < end["gate_mean"] <= 1.0 and set(end["gate_per_layer"]) == set(end["per_layer"])
+        if run["method"] == "sparse_moa":  # τ = τ_max·sigmoid(·) with τ_max 0.5 (METHODS.md)
+            assert all(0.0 < t < 0.5 for t in start["threshold_per_layer"].values())
         if run["method"] == "mole_topk":
-            assert run["active"]["mean"] == pytest.approx(2.0)  # top-2
-        if run["method"] == "soft_moa":
-            assert run["active"]["mean"] == pytest.approx(7.0)  # dense: 5 LoRA + prompt + adapter
+            assert run["active"]["mean"] == pytest.approx(2.0) == start["mean"]  # top-2
+        if run["method"] == "soft_moa":  # dense: 5 LoRA + prompt + adapter
+            assert run["active"]["mean"] == pytest.approx(7.0) == start["mean"]
     for row in report.summarize(saved):
         if row["method"] in ev.METHODS:
             assert row["chance"] == pytest.approx({"parity": 0.5, "parity+compare": 0.5, "hyperbaton": 0.5}[row["setting"]])
@@ -78,9 +86,23 @@ def test_quick_version_runs_every_method_end_to_end_and_writes_every_column(tmp_
     assert chart.count("layer  2 │") == len(charted) * len(cfg.settings)
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert "Per-task accuracy, mixture `parity+compare`" in markdown and "The papers' claims" in markdown
+    routers = {r["method"]: r["routers"] for r in report.summarize(results) if r.get("routers")}
+    assert set(routers) == set(ev.METHODS) - {"lora"} and "threshold" in routers["sparse_moa"]
+    assert "threshold" not in routers["mole_topk"] and "### Routers before and after training" in markdown
     pytest.importorskip("matplotlib")
     for key in ("curves", "png"):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_measuring_the_routers_before_training_leaves_the_training_unchanged(tmp_path, monkeypatch):
+    cfg = ev.quick_config(methods=("adamole",), settings=("parity",), **SMALL)  # dropout 0.05: draws numbers
+    measured = ev.run_evaluation(cfg, tmp_path / "a.json", progress=False)["runs"][0]
+    real = ev.active_experts_per_layer
+    calls = []
+    monkeypatch.setattr(ev, "active_experts_per_layer", lambda *a: calls.append(1) or (real(*a) if calls[1:] else {}))
+    unmeasured = ev.run_evaluation(cfg, tmp_path / "b.json", progress=False)["runs"][0]
+    assert len(calls) == 2 and unmeasured["active_start"] == {} and measured["active_start"]
+    assert measured["losses"] == unmeasured["losses"] and measured["correct"] == unmeasured["correct"]
 
 
 def test_mixture_budget_per_task_or_the_same_steps():
@@ -419,7 +441,7 @@ def test_a_run_cut_off_resumes_at_its_last_saved_step_with_the_same_result(tmp_p
     monkeypatch.setattr(ev, "fit", lambda *a, **k: fits.append((k["start"], k["stop"])) or real_fit(*a, **k))
     resumed = ev.run_evaluation(cfg, out, progress=False)["runs"][0]
     assert fits == [(4, 5)]  # only the step after the saved one
-    for field in ("losses", "accuracy", "correct", "active", "loss_last10"):
+    for field in ("losses", "accuracy", "correct", "active", "active_start", "loss_last10"):
         assert resumed[field] == whole[field], field
     assert not state.exists()  # recorded: its state is removed
     # a state saved under other settings is not resumed

@@ -58,6 +58,7 @@ from moa_fx.data import Batch
 from moa_fx.errors import InputError
 from moa_fx.eval import protocol
 from moa_fx.eval import tasks as T
+from moa_fx.eval.experts import active_experts_per_layer
 from moa_fx.eval.partial import load_partial, partial_path, save_partial
 from moa_fx.fileio import atomic_write_json
 from moa_fx.spec import LoraExpert, Spec, presets
@@ -437,50 +438,6 @@ def _training_stream(cfg: EvalConfig, tasks: dict[str, _Task], names: Sequence[s
     return stream[:need]
 
 
-@torch.no_grad()
-def active_experts_per_layer(moa, tokenizer, examples: Sequence[T.Example], max_len: int) -> dict[str, Any]:
-    """Mean active experts per token, per layer, on held-out prompts + right answers.
-
-    Sequences of equal length are batched together, so no padding token enters the statistics
-    (the router statistics count every position). Within a layer the routers are averaged (AdaMoLE
-    and top-k have one per projection, MoA one per block); ``experts`` is E per router.
-    """
-    if not examples:
-        return {}
-    groups: dict[int, list[list[int]]] = {}
-    for example in examples:
-        prompt, choice = T.answer_tokens(tokenizer, example, max_len)
-        groups.setdefault(len(prompt) + len(choice), []).append(prompt + choice)
-    device = next(moa.parameters()).device
-    was_training = moa.training
-    moa.eval()
-    sums: dict[int, float] = {}
-    tokens = 0
-    experts: set[int] = set()
-    try:
-        for length, rows in sorted(groups.items()):
-            if length < 2:
-                continue
-            ids = torch.tensor(rows, dtype=torch.long, device=device)
-            moa(input_ids=ids, attention_mask=torch.ones_like(ids))
-            stats = moa.router_stats()
-            if not stats:
-                return {}
-            by_layer: dict[int, list[float]] = {}
-            for info in stats.values():
-                by_layer.setdefault(-1 if info["layer"] is None else info["layer"], []).append(info["mean_active"])
-                experts.add(len(info["experts"]))
-            n = ids.numel()
-            tokens += n
-            for layer, values in by_layer.items():
-                sums[layer] = sums.get(layer, 0.0) + n * sum(values) / len(values)
-    finally:
-        moa.train(was_training)
-    per_layer = {str(layer): sums[layer] / tokens for layer in sorted(sums)}
-    return {"per_layer": per_layer, "mean": sum(per_layer.values()) / len(per_layer),
-            "experts": max(experts) if experts else None, "tokens": tokens}
-
-
 def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], tasks: dict[str, _Task],
                      device: torch.device, log: Callable[[str], None], partial: str | None = None) -> dict[str, Any]:
     from moa_fx import transform
@@ -505,6 +462,11 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
     path = pathlib.Path(partial) if partial else None
     start, done = load_partial(path, key, moa.adapters, optimizer, log) if path else (0, {})
     curve: list[dict[str, Any]] = done.get("curve", [])
+    active_pool = [e for n in names for e in tasks[n].scored[: max(1, cfg.active_examples // len(names))]]
+    active_start = done.get("active_start")
+    if start == 0:  # the routers before training: where the experts per token, gates and τ start from
+        with torch.random.fork_rng(devices=[]):  # the training draws the same numbers as without it
+            active_start = active_experts_per_layer(moa, tokenizer, active_pool, max_len)
 
     def batch_at(step: int) -> Batch:
         rows = stream[(step - 1) * cfg.batch_size: step * cfg.batch_size]
@@ -529,7 +491,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
         losses, step_times = losses + [r.loss for r in reports], step_times + [r.seconds for r in reports]
         if path and every and stop < steps:
             save_partial(path, key, stop, moa.adapters, optimizer,
-                         {"losses": losses, "step_times": step_times, "curve": curve,
+                         {"losses": losses, "step_times": step_times, "curve": curve, "active_start": active_start,
                           "train_s": done.get("train_s", 0.0) + time.perf_counter() - t_train})
     train_s = done.get("train_s", 0.0) + time.perf_counter() - t_train
     t_eval = time.perf_counter()
@@ -540,7 +502,6 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
         if share is not None:  # a free-text task has no listed choices
             first_choice[name] = share
     eval_s = time.perf_counter() - t_eval
-    active_pool = [e for n in names for e in tasks[n].scored[: max(1, cfg.active_examples // len(names))]]
     active = active_experts_per_layer(moa, tokenizer, active_pool, max_len)
     timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
     return {
@@ -550,7 +511,7 @@ def _train_and_score(cfg: EvalConfig, base, tokenizer, job: dict[str, Any], task
         "step_time_median_s": statistics.median(timed), "step_time_mean_s": sum(timed) / len(timed),
         "transform_s": transform_s, "train_s": train_s, "eval_s": eval_s,
         "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "losses": [round(x, 5) for x in losses], "active": active, "peak_rss_mb": _peak_rss_mb(),
+        "losses": [round(x, 5) for x in losses], "active": active, "active_start": active_start, "peak_rss_mb": _peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
         "device": str(device), "loadavg_at_start": loadavg, "versions": library_versions(),
     }

@@ -146,11 +146,23 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                 "active_mean": sum(a["mean"] for a in active) / len(active) if active else None,
                 "experts": active[0]["experts"] if active else None, "active_per_layer": per_layer,
-                "curve": _mean_curve(runs, zero, names),
+                "curve": _mean_curve(runs, zero, names), "routers": _router_shift(runs),
                 "loss_first": sum(r["loss_first"] for r in runs) / len(runs),
                 "loss_last10": sum(r["loss_last10"] for r in runs) / len(runs),
             })
     return rows
+
+
+def _router_shift(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean over the seeds that measured both: experts per token, gate and τ before → after training."""
+    pairs = [(r["active_start"], r["active"]) for r in runs if r.get("active_start") and r.get("active")]
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"seeds": len(pairs)}
+    for key, field in (("active", "mean"), ("gate", "gate_mean"), ("threshold", "threshold_mean")):
+        if all(field in a and field in b for a, b in pairs):
+            out[key] = tuple(sum(p[i][field] for p in pairs) / len(pairs) for i in (0, 1))
+    return out
 
 
 def _mean_curve(runs: Sequence[dict[str, Any]], zero: dict[str, Any], names: Sequence[str]) -> list[list[float]] | None:
@@ -381,6 +393,18 @@ def markdown_report(results: dict[str, Any]) -> str:
     chart = terminal_chart(results, width=30, plain=True)
     if chart:
         out += ["### Active experts per token, per layer", "", "```", chart.rstrip(), "```", ""]
+    shifts = [r for r in rows if r.get("routers")]
+    if shifts:
+        out += ["### Routers before and after training", "",
+                "| setting | method | seeds | experts / token | gate g (mean over experts) | threshold τ |",
+                "|---|---|---|---|---|---|"]
+        for row in shifts:
+            cells = ["—" if key not in row["routers"] else " → ".join(f"{v:.3f}" for v in row["routers"][key])
+                     for key in ("active", "gate", "threshold")]
+            out.append(f"| {row['setting']} | {row['method']} | {row['routers']['seeds']} | " + " | ".join(cells) + " |")
+        out += ["", "Before → after fine-tuning, on the same held-out prompts + answers as the per-layer counts: "
+                "token-weighted means over layers (and a layer's routers); an expert is selected where its gate "
+                "passes the router's rule (top-k, or g > τ with a threshold).", ""]
     zero = results.get("zero_shot", {})
     if zero:
         out += ["### Data", "", "| task | train | scored | dropped long prompts | chance | zero-shot |",
