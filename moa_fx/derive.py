@@ -456,11 +456,11 @@ def _block_partitions(graph: fx.Graph, blocks: list[str], *, hoist_state: bool =
     for n in graph.nodes:  # a site's seed is an input's entry at a constant index: state, too
         if n.op == "placeholder" or n.target is not seed_at and any(a in from_inputs for a in n.all_input_nodes):
             from_inputs.add(n)
+    paths = {n: set(module_paths(n)) for n in graph.nodes if n.op in ("call_function", "call_module")}
     partitions = []
     for path in blocks:
-        part: dict[fx.Node, None] = {n: None for n in graph.nodes
-                                     if n.op in ("call_function", "call_module") and path in module_paths(n)
-                                     and (not hoist_state or n in from_inputs)}
+        part: dict[fx.Node, None] = {n: None for n, at in paths.items()
+                                     if path in at and (not hoist_state or n in from_inputs)}
         if not part:
             continue
         grew = True

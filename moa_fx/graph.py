@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -67,6 +68,7 @@ def module_paths(node: fx.Node) -> list[str]:
     return [_clean_path(v[0]) for v in stack.values()]
 
 
+@functools.lru_cache(maxsize=65536)  # a pure function of the string; called for every node by many passes
 def _clean_path(path: str) -> str:
     # strict export writes "L['self'].model.layers.0"; non-strict writes "model.layers.0".
     path = path.replace("L['self'].", "").replace("L['self']", "")
